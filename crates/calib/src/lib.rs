@@ -1,0 +1,4 @@
+//! Calibration statistics (importance matrices), kept as mergeable sums and counts.
+
+#![deny(unsafe_code)]
+#![deny(missing_docs)]
