@@ -1,4 +1,31 @@
-//! Runs a validated kiln plan: reads, transforms, quantizes and writes tensors, and returns a report.
+//! Runs kiln recipes: plan, build, inspect.
+//!
+//! - [`plan`] turns a validated [`Recipe`] into a [`BuildPlan`]: the checkpoint is opened and
+//!   header-parsed, the model family detected, every tensor mapped to its GGUF name, transform and
+//!   final type (with the rule that decided it, or the pin or fallback that overrode it), and the
+//!   full GGUF metadata assembled. Nothing heavy happens and nothing is written.
+//! - [`build`] executes a plan: tensors stream from the memory-mapped checkpoint through the
+//!   quantizer to a temporary file beside the destination, in bounded chunks processed in
+//!   parallel and written in order, so the bytes never depend on the thread count; the file is
+//!   renamed into place only when everything succeeded. It returns a [`Report`].
+//! - [`inspect`] describes a GGUF file or a safetensors checkpoint without converting anything.
+//!
+//! Progress goes through the [`Progress`] trait; this crate never prints.
 
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
+
+mod build;
+mod error;
+mod inspect;
+mod json;
+mod plan;
+
+pub use build::{build, BuildOptions, Progress, Report, TensorReport};
+pub use error::PipelineError;
+pub use inspect::{inspect, InspectedTensor, Inspection};
+pub use json::meta_to_json;
+pub use plan::{plan, BuildPlan, Decision, TensorPlan};
+
+pub use kiln_reader::MmapAccess;
+pub use kiln_recipe::{Overrides, Recipe, TypeChoice};

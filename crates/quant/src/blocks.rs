@@ -37,7 +37,12 @@ mod tests {
 
     fn check<B: Block>() {
         let info = B::TYPE.info().expect("block type in table");
-        assert_eq!(std::mem::size_of::<B>(), info.type_size as usize, "{}", info.name);
+        assert_eq!(
+            std::mem::size_of::<B>(),
+            info.type_size as usize,
+            "{}",
+            info.name
+        );
         assert_eq!(B::ELEMENTS, info.block_size as usize, "{}", info.name);
         assert_eq!(std::mem::align_of::<B>(), 1, "{}", info.name);
     }

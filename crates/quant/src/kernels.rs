@@ -8,9 +8,9 @@ use crate::QuantError;
 
 /// Quantizes one row; `dst` has exactly the row's byte size; `imatrix`, when given, has one weight
 /// per element of the row.
-pub type QuantizeRowFn = fn(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>);
+pub(crate) type QuantizeRowFn = fn(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>);
 /// Dequantizes whole blocks.
-pub type DequantizeFn = fn(src: &[u8], dst: &mut [f32]);
+pub(crate) type DequantizeFn = fn(src: &[u8], dst: &mut [f32]);
 
 /// A type kiln can produce and decode.
 #[derive(Debug, Clone, Copy)]
@@ -196,7 +196,11 @@ mod tests {
         let mut out = [0u8; 34];
         assert!(matches!(
             quantize_rows(GgmlType::Q8_0, &x, 33, None, &mut out),
-            Err(QuantError::RowNotMultipleOfBlock { n: 33, block: 32, .. })
+            Err(QuantError::RowNotMultipleOfBlock {
+                n: 33,
+                block: 32,
+                ..
+            })
         ));
         assert!(matches!(
             quantize_rows(GgmlType::Q4_K, &x, 33, None, &mut out),

@@ -42,7 +42,9 @@ pub enum QuantError {
         block: usize,
     },
     /// Source and destination buffers disagree in size.
-    #[error("buffer size mismatch for {ty}: {elements} elements need {expected} bytes, got {actual}")]
+    #[error(
+        "buffer size mismatch for {ty}: {elements} elements need {expected} bytes, got {actual}"
+    )]
     BufferSize {
         /// Target type.
         ty: GgmlType,
@@ -98,7 +100,10 @@ pub fn quantize_rows(
     } else if k.requires_imatrix {
         return Err(QuantError::ImatrixRequired(ty));
     }
-    for (row, out) in src.chunks_exact(n_per_row).zip(dst.chunks_exact_mut(row_bytes)) {
+    for (row, out) in src
+        .chunks_exact(n_per_row)
+        .zip(dst.chunks_exact_mut(row_bytes))
+    {
         (k.quantize_row)(row, out, imatrix);
     }
     Ok(())

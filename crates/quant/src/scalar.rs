@@ -58,7 +58,11 @@ mod tests {
                 assert_eq!(f32_to_bf16_bits(x) & 0x7fc0, 0x7fc0);
                 continue;
             }
-            assert_eq!(f32_to_bf16_bits(x), half::bf16::from_f32(x).to_bits(), "{bits:#x}");
+            assert_eq!(
+                f32_to_bf16_bits(x),
+                half::bf16::from_f32(x).to_bits(),
+                "{bits:#x}"
+            );
         }
     }
 

@@ -216,7 +216,9 @@ impl Checkpoint {
 
     /// Lets the pages of a tensor leave the resident set once kiln is done with it.
     pub fn release(&self, entry: &TensorEntry) {
-        self.shards[entry.shard].file.release(entry.start, entry.len);
+        self.shards[entry.shard]
+            .file
+            .release(entry.start, entry.len);
     }
 
     /// Reads a small side file (`config.json`, `tokenizer.model`, ...) from the checkpoint folder;
@@ -266,7 +268,9 @@ fn read_index(path: &Path) -> Result<BTreeMap<String, String>, ReadError> {
             .ok_or_else(|| invalid(format!("shard of `{tensor}` is not a string")))?;
         // A shard name is a file in the checkpoint folder, never a path elsewhere.
         if shard.is_empty() || shard.contains('/') || shard.contains('\\') || shard == ".." {
-            return Err(invalid(format!("shard name `{shard}` is not a plain file name")));
+            return Err(invalid(format!(
+                "shard name `{shard}` is not a plain file name"
+            )));
         }
         out.insert(tensor.clone(), shard.to_owned());
     }

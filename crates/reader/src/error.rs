@@ -43,7 +43,9 @@ pub enum ReadError {
         reason: String,
     },
     /// The index names a shard file that does not exist.
-    #[error("{index}: shard `{shard}` (holding `{tensor}` and {more} more tensors) does not exist")]
+    #[error(
+        "{index}: shard `{shard}` (holding `{tensor}` and {more} more tensors) does not exist"
+    )]
     MissingShard {
         /// The index file.
         index: PathBuf,

@@ -72,6 +72,8 @@ pub const MAX_DIMS: u32 = 4;
 const MIN_KV_BYTES: u64 = 8 + 1 + 4 + 1;
 /// Smallest possible tensor-info record: name length, empty name, n_dims, one dim, type, offset.
 const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
+/// [`MAX_TENSOR_NAME_LEN`] as a slice length.
+const NAME_PREFIX_LEN: usize = MAX_TENSOR_NAME_LEN as usize;
 /// Largest element count llama.cpp accepts (`int64_t`).
 const MAX_ELEMENTS: u64 = i64::MAX as u64;
 
@@ -109,7 +111,9 @@ pub enum GgufError {
         available: u64,
     },
     /// The key-value count is larger than the rest of the file could hold.
-    #[error("key-value count {count} is impossible: the rest of the file holds at most {max} pairs")]
+    #[error(
+        "key-value count {count} is impossible: the rest of the file holds at most {max} pairs"
+    )]
     TooManyKeys {
         /// Count declared in the header.
         count: u64,
@@ -117,7 +121,9 @@ pub enum GgufError {
         max: u64,
     },
     /// The tensor count is larger than the rest of the file could hold.
-    #[error("tensor count {count} is impossible: the rest of the file holds at most {max} tensor infos")]
+    #[error(
+        "tensor count {count} is impossible: the rest of the file holds at most {max} tensor infos"
+    )]
     TooManyTensors {
         /// Count declared in the header.
         count: u64,
@@ -236,7 +242,9 @@ pub enum GgufError {
         value: i64,
     },
     /// A tensor's row length is not a multiple of its type's block size.
-    #[error("tensor `{tensor}`: row length ne[0] = {ne0} is not a multiple of the block size {block}")]
+    #[error(
+        "tensor `{tensor}`: row length ne[0] = {ne0} is not a multiple of the block size {block}"
+    )]
     RowNotMultipleOfBlock {
         /// The tensor.
         tensor: String,
@@ -374,7 +382,10 @@ impl<'a> GgufFile<'a> {
         let remaining = to_u64(cur.remaining());
         let max_kv = remaining / MIN_KV_BYTES;
         if n_kv > max_kv {
-            return Err(GgufError::TooManyKeys { count: n_kv, max: max_kv });
+            return Err(GgufError::TooManyKeys {
+                count: n_kv,
+                max: max_kv,
+            });
         }
         let max_tensors =
             remaining.saturating_sub(n_kv.saturating_mul(MIN_KV_BYTES)) / MIN_TENSOR_INFO_BYTES;
@@ -389,10 +400,11 @@ impl<'a> GgufFile<'a> {
             count: n_kv,
             max: max_kv,
         })?;
-        let n_tensors_usize = usize::try_from(n_tensors).map_err(|_| GgufError::TooManyTensors {
-            count: n_tensors,
-            max: max_tensors,
-        })?;
+        let n_tensors_usize =
+            usize::try_from(n_tensors).map_err(|_| GgufError::TooManyTensors {
+                count: n_tensors,
+                max: max_tensors,
+            })?;
 
         // Key-value pairs.
         let mut metadata = Vec::with_capacity(n_kv_usize);
@@ -401,13 +413,15 @@ impl<'a> GgufFile<'a> {
         for index in 0..n_kv {
             let (key, value) = read_kv(&mut cur, index)?;
             if !seen_keys.insert(key) {
-                return Err(GgufError::DuplicateKey { key: key.to_owned() });
+                return Err(GgufError::DuplicateKey {
+                    key: key.to_owned(),
+                });
             }
             if key == ALIGNMENT_KEY {
-                alignment = match value {
-                    MetaValue::U32(a) if a.is_power_of_two() => u64::from(a),
-                    MetaValue::U32(a) => return Err(GgufError::BadAlignment { value: a }),
-                    ref other => {
+                alignment = match &value {
+                    MetaValue::U32(a) if a.is_power_of_two() => u64::from(*a),
+                    MetaValue::U32(a) => return Err(GgufError::BadAlignment { value: *a }),
+                    other => {
                         return Err(GgufError::AlignmentNotU32 {
                             found: other.value_type(),
                         })
@@ -427,9 +441,10 @@ impl<'a> GgufFile<'a> {
 
         // The data section starts at the end of the header, padded to the alignment.
         let header_end = to_u64(cur.pos);
+        // `alignment` is a non-zero power of two and `header_end` a slice length, so this neither
+        // fails nor saturates in practice; `None` (zero or overflow) cannot panic either way.
         let data_offset = header_end
-            .div_ceil(alignment)
-            .checked_mul(alignment)
+            .checked_next_multiple_of(alignment)
             .unwrap_or(u64::MAX);
         let file = GgufFile {
             version,
@@ -690,9 +705,7 @@ fn read_array(cur: &mut Cursor<'_>, key: &str) -> Result<MetaArray, GgufError> {
         });
     }
     const W: &str = "array elements";
-    let needed = count
-        .checked_mul(min_element_size(ty))
-        .unwrap_or(u64::MAX);
+    let needed = count.saturating_mul(min_element_size(ty));
     if needed > to_u64(cur.remaining()) {
         return Err(cur.eof(W, needed));
     }
@@ -754,14 +767,15 @@ fn read_tensor_info<'a>(
     let raw = cur.raw_string().map_err(|e| e.with_context(name_ctx))?;
     let len = to_u64(raw.len());
     if len > MAX_TENSOR_NAME_LEN {
-        let shown = raw.get(..63).unwrap_or(raw);
+        let shown = raw.get(..NAME_PREFIX_LEN).unwrap_or(raw);
         return Err(GgufError::TensorNameTooLong {
             prefix: String::from_utf8_lossy(shown).into_owned(),
             len,
             max: MAX_TENSOR_NAME_LEN,
         });
     }
-    let name = utf8(raw, cur.pos.saturating_sub(raw.len())).map_err(|e| e.with_context(name_ctx))?;
+    let name =
+        utf8(raw, cur.pos.saturating_sub(raw.len())).map_err(|e| e.with_context(name_ctx))?;
     if !seen.insert(name) {
         return Err(GgufError::DuplicateTensor {
             tensor: name.to_owned(),
@@ -797,9 +811,7 @@ fn read_tensor_info<'a>(
     }
     // Type ids are `int32_t` in C++; a negative one reads as a large, unknown id.
     let ty = GgmlType(cur.u32("tensor type").map_err(|e| e.with_context(ctx))?);
-    let offset = cur
-        .u64("tensor offset")
-        .map_err(|e| e.with_context(ctx))?;
+    let offset = cur.u64("tensor offset").map_err(|e| e.with_context(ctx))?;
 
     let overflow = || GgufError::SizeOverflow {
         tensor: name.to_owned(),
@@ -880,18 +892,40 @@ mod tests {
                 put_u32(out, a.element_type().id());
                 put_u64(out, a.len() as u64);
                 match a {
-                    MetaArray::U8(v) => v.iter().for_each(|x| encode_payload(out, &MetaValue::U8(*x))),
-                    MetaArray::I8(v) => v.iter().for_each(|x| encode_payload(out, &MetaValue::I8(*x))),
-                    MetaArray::U16(v) => v.iter().for_each(|x| encode_payload(out, &MetaValue::U16(*x))),
-                    MetaArray::I16(v) => v.iter().for_each(|x| encode_payload(out, &MetaValue::I16(*x))),
-                    MetaArray::U32(v) => v.iter().for_each(|x| encode_payload(out, &MetaValue::U32(*x))),
-                    MetaArray::I32(v) => v.iter().for_each(|x| encode_payload(out, &MetaValue::I32(*x))),
-                    MetaArray::F32(v) => v.iter().for_each(|x| encode_payload(out, &MetaValue::F32(*x))),
-                    MetaArray::Bool(v) => v.iter().for_each(|x| encode_payload(out, &MetaValue::Bool(*x))),
+                    MetaArray::U8(v) => v
+                        .iter()
+                        .for_each(|x| encode_payload(out, &MetaValue::U8(*x))),
+                    MetaArray::I8(v) => v
+                        .iter()
+                        .for_each(|x| encode_payload(out, &MetaValue::I8(*x))),
+                    MetaArray::U16(v) => v
+                        .iter()
+                        .for_each(|x| encode_payload(out, &MetaValue::U16(*x))),
+                    MetaArray::I16(v) => v
+                        .iter()
+                        .for_each(|x| encode_payload(out, &MetaValue::I16(*x))),
+                    MetaArray::U32(v) => v
+                        .iter()
+                        .for_each(|x| encode_payload(out, &MetaValue::U32(*x))),
+                    MetaArray::I32(v) => v
+                        .iter()
+                        .for_each(|x| encode_payload(out, &MetaValue::I32(*x))),
+                    MetaArray::F32(v) => v
+                        .iter()
+                        .for_each(|x| encode_payload(out, &MetaValue::F32(*x))),
+                    MetaArray::Bool(v) => v
+                        .iter()
+                        .for_each(|x| encode_payload(out, &MetaValue::Bool(*x))),
                     MetaArray::String(v) => v.iter().for_each(|x| put_str(out, x.as_bytes())),
-                    MetaArray::U64(v) => v.iter().for_each(|x| encode_payload(out, &MetaValue::U64(*x))),
-                    MetaArray::I64(v) => v.iter().for_each(|x| encode_payload(out, &MetaValue::I64(*x))),
-                    MetaArray::F64(v) => v.iter().for_each(|x| encode_payload(out, &MetaValue::F64(*x))),
+                    MetaArray::U64(v) => v
+                        .iter()
+                        .for_each(|x| encode_payload(out, &MetaValue::U64(*x))),
+                    MetaArray::I64(v) => v
+                        .iter()
+                        .for_each(|x| encode_payload(out, &MetaValue::I64(*x))),
+                    MetaArray::F64(v) => v
+                        .iter()
+                        .for_each(|x| encode_payload(out, &MetaValue::F64(*x))),
                 }
             }
         }
@@ -1005,7 +1039,10 @@ mod tests {
             let mut out = Vec::new();
             out.extend_from_slice(&self.magic);
             out.extend_from_slice(&self.version_bytes);
-            put_u64(&mut out, self.n_tensors.unwrap_or(self.tensors.len() as u64));
+            put_u64(
+                &mut out,
+                self.n_tensors.unwrap_or(self.tensors.len() as u64),
+            );
             put_u64(&mut out, self.n_kv.unwrap_or(self.kvs.len() as u64));
             for kv in &self.kvs {
                 out.extend_from_slice(kv);
@@ -1028,6 +1065,9 @@ mod tests {
             out.resize(data_offset as usize, 0);
             let mut data: Vec<u8> = Vec::new();
             for (t, &off) in self.tensors.iter().zip(&offsets) {
+                if t.data.is_empty() {
+                    continue;
+                }
                 let (s, e) = (off as usize, off as usize + t.data.len());
                 if data.len() < e {
                     data.resize(e, 0);
@@ -1070,7 +1110,7 @@ mod tests {
             v("t.i16", MetaValue::I16(-30_000)),
             v("t.u32", MetaValue::U32(4_000_000_000)),
             v("t.i32", MetaValue::I32(-2_000_000_000)),
-            v("t.f32", MetaValue::F32(9.999_999_7e-6)),
+            v("t.f32", MetaValue::F32(1e-5)),
             v("t.bool_true", MetaValue::Bool(true)),
             v("t.bool_false", MetaValue::Bool(false)),
             v("t.string", MetaValue::String("héllo ✓ \0 nul".into())),
@@ -1084,8 +1124,14 @@ mod tests {
             v("a.i16", MetaValue::Array(MetaArray::I16(vec![-1, 2]))),
             v("a.u32", MetaValue::Array(MetaArray::U32(vec![7, 8, 9]))),
             v("a.i32", MetaValue::Array(MetaArray::I32(vec![-7, 8]))),
-            v("a.f32", MetaValue::Array(MetaArray::F32(vec![0.5, -0.25, f32::MAX]))),
-            v("a.bool", MetaValue::Array(MetaArray::Bool(vec![true, false, true]))),
+            v(
+                "a.f32",
+                MetaValue::Array(MetaArray::F32(vec![0.5, -0.25, f32::MAX])),
+            ),
+            v(
+                "a.bool",
+                MetaValue::Array(MetaArray::Bool(vec![true, false, true])),
+            ),
             v(
                 "a.string",
                 MetaValue::Array(MetaArray::String(vec![
@@ -1098,7 +1144,10 @@ mod tests {
             v("a.i64", MetaValue::Array(MetaArray::I64(vec![i64::MIN, 1]))),
             v("a.f64", MetaValue::Array(MetaArray::F64(vec![1e-300, 2.0]))),
             v("a.empty", MetaValue::Array(MetaArray::U32(vec![]))),
-            v("a.empty_strings", MetaValue::Array(MetaArray::String(vec![]))),
+            v(
+                "a.empty_strings",
+                MetaValue::Array(MetaArray::String(vec![])),
+            ),
         ]
     }
 
@@ -1113,7 +1162,12 @@ mod tests {
             .tensor("bf16", &[5], GgmlType::BF16, vec![7; 10])
             .tensor("retired", &[8], GgmlType(4), vec![9; 12])
             .tensor("empty", &[0, 4], GgmlType::F32, Vec::new())
-            .tensor("f16_4d", &[2, 1, 3, 1], GgmlType::F16, (100..112u8).collect())
+            .tensor(
+                "f16_4d",
+                &[2, 1, 3, 1],
+                GgmlType::F16,
+                (100..112u8).collect(),
+            )
     }
 
     // ---------------------------------------------------------------- round trip
@@ -1268,11 +1322,23 @@ mod tests {
         let bytes = Builder::new().bytes();
         assert!(matches!(
             parse_err(&bytes[..2]),
-            GgufError::UnexpectedEof { what: "magic", offset: 0, needed: 4, available: 2, .. }
+            GgufError::UnexpectedEof {
+                what: "magic",
+                offset: 0,
+                needed: 4,
+                available: 2,
+                ..
+            }
         ));
         assert!(matches!(
             parse_err(&bytes[..12]),
-            GgufError::UnexpectedEof { what: "tensor count", offset: 8, needed: 8, available: 4, .. }
+            GgufError::UnexpectedEof {
+                what: "tensor count",
+                offset: 8,
+                needed: 8,
+                available: 4,
+                ..
+            }
         ));
     }
 
@@ -1296,14 +1362,15 @@ mod tests {
     #[test]
     fn rejects_truncated_tensor_info() {
         let bytes = Builder::new()
-            .tensor("w", &[4, 4], GgmlType::F32, vec![0; 64])
+            .tensor("weight.name", &[4, 4], GgmlType::F32, vec![0; 64])
             .bytes();
-        // Header 24 + name 9 + n_dims 4 + one of two dims 8.
-        let err = parse_err(&bytes[..45]);
+        // Header 24 + name 19 + n_dims 4 + first dim 8 = 55; cut 3 bytes into the second dim.
+        let err = parse_err(&bytes[..58]);
         assert!(
             matches!(
                 &err,
-                GgufError::UnexpectedEof { what: "tensor dimension", context, .. } if context.contains('w')
+                GgufError::UnexpectedEof { what: "tensor dimension", context, offset: 55, needed: 8, available: 3 }
+                    if context.contains("weight.name")
             ),
             "{err:?}"
         );
@@ -1318,7 +1385,14 @@ mod tests {
         let bytes = Builder::new().raw_kv(kv_raw(b"arr", 9, &payload)).bytes();
         let err = parse_err(&bytes);
         assert!(
-            matches!(&err, GgufError::UnexpectedEof { what: "array elements", needed: 4000, .. }),
+            matches!(
+                &err,
+                GgufError::UnexpectedEof {
+                    what: "array elements",
+                    needed: 4000,
+                    ..
+                }
+            ),
             "{err:?}"
         );
     }
@@ -1332,7 +1406,11 @@ mod tests {
         let bytes = Builder::new().raw_kv(kv_raw(b"toks", 9, &payload)).bytes();
         assert!(matches!(
             parse_err(&bytes),
-            GgufError::UnexpectedEof { what: "array elements", needed: 8000, .. }
+            GgufError::UnexpectedEof {
+                what: "array elements",
+                needed: 8000,
+                ..
+            }
         ));
     }
 
@@ -1353,7 +1431,9 @@ mod tests {
         b.version_bytes = 3u32.to_be_bytes();
         assert!(matches!(
             parse_err(&b.bytes()),
-            GgufError::BigEndian { version: 0x0300_0000 }
+            GgufError::BigEndian {
+                version: 0x0300_0000
+            }
         ));
     }
 
@@ -1363,7 +1443,10 @@ mod tests {
         b.n_kv = Some(u64::MAX);
         assert!(matches!(
             parse_err(&b.bytes()),
-            GgufError::TooManyKeys { count: u64::MAX, .. }
+            GgufError::TooManyKeys {
+                count: u64::MAX,
+                ..
+            }
         ));
     }
 
@@ -1373,7 +1456,10 @@ mod tests {
         b.n_tensors = Some(u64::MAX); // also what a negative i64 count reads as
         assert!(matches!(
             parse_err(&b.bytes()),
-            GgufError::TooManyTensors { count: u64::MAX, .. }
+            GgufError::TooManyTensors {
+                count: u64::MAX,
+                ..
+            }
         ));
         b.n_tensors = Some(1_000);
         assert!(matches!(
@@ -1396,6 +1482,7 @@ mod tests {
         // A key length too long is caught the same way.
         let mut kv = Vec::new();
         put_u64(&mut kv, u64::MAX);
+        kv.extend_from_slice(&[b'k'; 16]);
         let bytes = Builder::new().raw_kv(kv).bytes();
         assert!(matches!(
             parse_err(&bytes),
@@ -1415,7 +1502,9 @@ mod tests {
         // In a string value.
         let mut payload = Vec::new();
         put_str(&mut payload, b"ok\xc3");
-        let bytes = Builder::new().raw_kv(kv_raw(b"general.name", 8, &payload)).bytes();
+        let bytes = Builder::new()
+            .raw_kv(kv_raw(b"general.name", 8, &payload))
+            .bytes();
         let err = parse_err(&bytes);
         assert!(
             matches!(&err, GgufError::InvalidUtf8 { context, .. } if context.contains("general.name")),
@@ -1427,7 +1516,9 @@ mod tests {
         put_u64(&mut payload, 2);
         put_str(&mut payload, b"fine");
         put_str(&mut payload, b"\x80");
-        let bytes = Builder::new().raw_kv(kv_raw(b"tokenizer.ggml.tokens", 9, &payload)).bytes();
+        let bytes = Builder::new()
+            .raw_kv(kv_raw(b"tokenizer.ggml.tokens", 9, &payload))
+            .bytes();
         let err = parse_err(&bytes);
         assert!(
             matches!(&err, GgufError::InvalidUtf8 { context, .. }
@@ -1505,7 +1596,10 @@ mod tests {
             .bytes();
         assert!(matches!(
             parse_err(&bytes),
-            GgufError::EmptyKey { index: 1, offset: 38 }
+            GgufError::EmptyKey {
+                index: 1,
+                offset: 38
+            }
         ));
     }
 
@@ -1514,7 +1608,9 @@ mod tests {
         let bytes = Builder::new().kv(ALIGNMENT_KEY, MetaValue::U64(32)).bytes();
         assert!(matches!(
             parse_err(&bytes),
-            GgufError::AlignmentNotU32 { found: MetaValueType::U64 }
+            GgufError::AlignmentNotU32 {
+                found: MetaValueType::U64
+            }
         ));
     }
 
@@ -1576,7 +1672,10 @@ mod tests {
         t.n_dims = Some(u32::MAX);
         assert!(matches!(
             parse_err(&Builder::new().tensor_spec(t).bytes()),
-            GgufError::TooManyDims { n_dims: u32::MAX, .. }
+            GgufError::TooManyDims {
+                n_dims: u32::MAX,
+                ..
+            }
         ));
     }
 
@@ -1653,7 +1752,14 @@ mod tests {
         t.offset = Some(u64::MAX - 31);
         let err = parse_err(&Builder::new().tensor_spec(t).bytes());
         assert!(
-            matches!(&err, GgufError::TensorOutOfBounds { start: u64::MAX, end: u64::MAX, .. }),
+            matches!(
+                &err,
+                GgufError::TensorOutOfBounds {
+                    start: u64::MAX,
+                    end: u64::MAX,
+                    ..
+                }
+            ),
             "{err:?}"
         );
     }
@@ -1675,7 +1781,10 @@ mod tests {
         let mut d = c.clone();
         d.name = b"d".to_vec();
         let bytes = Builder::new().tensor_spec(c).tensor_spec(d).bytes();
-        assert!(matches!(parse_err(&bytes), GgufError::OverlappingTensors { .. }));
+        assert!(matches!(
+            parse_err(&bytes),
+            GgufError::OverlappingTensors { .. }
+        ));
         // Overlap with a tensor that is not the previous one in offset order.
         let mut big = spec("big", &[64], GgmlType::F32, vec![0; 256]);
         big.offset = Some(0);
@@ -1883,8 +1992,14 @@ mod tests {
         assert_eq!(f.version, 3);
         assert_eq!(f.tensors.len(), 57);
         assert_eq!(f.alignment, 32);
-        assert_eq!(f.get("general.architecture").and_then(MetaValue::as_str), Some("llama"));
-        assert_eq!(f.metadata.first().map(|(k, _)| k.as_str()), Some("general.architecture"));
+        assert_eq!(
+            f.get("general.architecture").and_then(MetaValue::as_str),
+            Some("llama")
+        );
+        assert_eq!(
+            f.metadata.first().map(|(k, _)| k.as_str()),
+            Some("general.architecture")
+        );
         assert_eq!(tokens_len(&f), Some(512));
         // golden.json gives 15008 as the first tensor's absolute offset (data_offset + 0).
         assert_eq!(f.data_offset, 15008);
@@ -1904,7 +2019,10 @@ mod tests {
         };
         let f = GgufFile::parse(&bytes).expect("golden file parses");
         assert_eq!(f.tensors.len(), 57);
-        assert_eq!(f.get("general.architecture").and_then(MetaValue::as_str), Some("llama"));
+        assert_eq!(
+            f.get("general.architecture").and_then(MetaValue::as_str),
+            Some("llama")
+        );
         assert_eq!(tokens_len(&f), Some(512));
         assert_eq!(f.data_offset, 15008);
         assert_eq!(f.tensors[0].name, "output.weight");
@@ -1921,7 +2039,10 @@ mod tests {
         let f = GgufFile::parse(&bytes).expect("golden file parses");
         assert_eq!(f.tensors.len(), 84);
         assert_eq!(f.data_offset, 5248);
-        assert_eq!(f.get("general.type").and_then(MetaValue::as_str), Some("imatrix"));
+        assert_eq!(
+            f.get("general.type").and_then(MetaValue::as_str),
+            Some("imatrix")
+        );
         assert!(matches!(
             f.get("imatrix.datasets"),
             Some(MetaValue::Array(MetaArray::String(_)))
@@ -1963,7 +2084,9 @@ mod tests {
                     MetaArray::I32(v) => v.iter().map(|&x| MetaValue::I32(x)).collect(),
                     MetaArray::F32(v) => v.iter().map(|&x| MetaValue::F32(x)).collect(),
                     MetaArray::Bool(v) => v.iter().map(|&x| MetaValue::Bool(x)).collect(),
-                    MetaArray::String(v) => v.iter().map(|x| MetaValue::String(x.clone())).collect(),
+                    MetaArray::String(v) => {
+                        v.iter().map(|x| MetaValue::String(x.clone())).collect()
+                    }
                     MetaArray::U64(v) => v.iter().map(|&x| MetaValue::U64(x)).collect(),
                     MetaArray::I64(v) => v.iter().map(|&x| MetaValue::I64(x)).collect(),
                     MetaArray::F64(v) => v.iter().map(|&x| MetaValue::F64(x)).collect(),
@@ -1971,7 +2094,10 @@ mod tests {
                 scalars.len() == items.len()
                     && scalars.iter().zip(items).all(|(s, i)| json_matches(s, i))
             }
-            (MetaValue::I8(_) | MetaValue::I16(_) | MetaValue::I32(_) | MetaValue::I64(_), J::Number(n)) => {
+            (
+                MetaValue::I8(_) | MetaValue::I16(_) | MetaValue::I32(_) | MetaValue::I64(_),
+                J::Number(n),
+            ) => {
                 let x = match *v {
                     MetaValue::I8(x) => i64::from(x),
                     MetaValue::I16(x) => i64::from(x),
@@ -2036,7 +2162,12 @@ mod tests {
                         .collect();
                     assert_eq!(t.ne, shape, "{what}: {}", t.name);
                     // golden.json's `offset` is absolute: data_offset + the stored offset.
-                    assert_eq!(Some(f.data_offset + t.offset), gt["offset"].as_u64(), "{what}: {}", t.name);
+                    assert_eq!(
+                        Some(f.data_offset + t.offset),
+                        gt["offset"].as_u64(),
+                        "{what}: {}",
+                        t.name
+                    );
                     assert_eq!(t.nbytes, gt["nbytes"].as_u64(), "{what}: {}", t.name);
                 }
                 checked += 1;

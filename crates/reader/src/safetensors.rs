@@ -108,7 +108,9 @@ impl<'a> SafetensorsFile<'a> {
         for (name, info) in metadata.tensors() {
             let (start, end) = info.data_offsets;
             // `read_metadata` has checked that every range lies inside the data section.
-            let range = data_start.checked_add(start).zip(data_start.checked_add(end));
+            let range = data_start
+                .checked_add(start)
+                .zip(data_start.checked_add(end));
             let Some(data) = range.and_then(|(s, e)| bytes.get(s..e)) else {
                 return Err(SafetensorsError::InvalidOffsets { tensor: name });
             };
@@ -280,7 +282,10 @@ mod tests {
         let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#;
         let bytes = file(h, 12);
         let err = SafetensorsFile::parse(&bytes).unwrap_err();
-        assert!(matches!(err, SafetensorsError::Truncated { ref tensor, .. } if tensor == "b"), "{err:?}");
+        assert!(
+            matches!(err, SafetensorsError::Truncated { ref tensor, .. } if tensor == "b"),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -311,7 +316,10 @@ mod tests {
             SafetensorsFile::parse(&bytes),
             Err(SafetensorsError::InvalidHeader { .. })
         ));
-        let bytes = file(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, 8);
+        let bytes = file(
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            8,
+        );
         assert!(matches!(
             SafetensorsFile::parse(&bytes),
             Err(SafetensorsError::IncompleteCoverage { .. })

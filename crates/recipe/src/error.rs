@@ -126,10 +126,7 @@ impl RecipeError {
     pub(crate) fn in_file(self, path: &Path) -> RecipeError {
         match self {
             RecipeError::UnknownKey {
-                key,
-                message,
-                line,
-                ..
+                key, message, line, ..
             } => {
                 // The message from `toml` carries the line; recover it for the short form.
                 let line = line.or_else(|| {

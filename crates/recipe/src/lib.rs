@@ -132,18 +132,16 @@ impl Recipe {
             return Err(RecipeError::UnsupportedVersion(raw.kiln));
         }
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
-        let default = TypeChoice::parse(&raw.quantize.default).ok_or_else(|| {
-            RecipeError::UnknownType {
+        let default =
+            TypeChoice::parse(&raw.quantize.default).ok_or_else(|| RecipeError::UnknownType {
                 context: "quantize.default".into(),
                 name: raw.quantize.default.clone(),
-            }
-        })?;
+            })?;
         let file_type = match &raw.quantize.file_type {
-            Some(name) => Some(FileType::from_name(name).ok_or_else(|| {
-                RecipeError::UnknownFileType {
-                    name: name.clone(),
-                }
-            })?),
+            Some(name) => Some(
+                FileType::from_name(name)
+                    .ok_or_else(|| RecipeError::UnknownFileType { name: name.clone() })?,
+            ),
             None => None,
         };
         let rules = raw

@@ -147,10 +147,7 @@ impl Rule {
             index,
             label: raw.label.unwrap_or_else(|| format!("rules[{index}]")),
             choice,
-            gguf_globs: raw
-                .tensors
-                .map(|g| globs(index, &g.to_vec()))
-                .transpose()?,
+            gguf_globs: raw.tensors.map(|g| globs(index, &g.to_vec())).transpose()?,
             hf_globs: raw
                 .hf_tensors
                 .map(|g| globs(index, &g.to_vec()))
@@ -195,14 +192,19 @@ impl MetadataSection {
         .into_iter()
         .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
         .collect();
-        let string_arrays = [("general.tags", self.tags), ("general.languages", self.languages)]
-            .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
-            .collect();
+        let string_arrays = [
+            ("general.tags", self.tags),
+            ("general.languages", self.languages),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+        .collect();
         let mut extra = Vec::new();
         for (key, value) in self.extra {
             if key.is_empty() {
-                return Err(RecipeError::BadMetadata("empty key in metadata.extra".into()));
+                return Err(RecipeError::BadMetadata(
+                    "empty key in metadata.extra".into(),
+                ));
             }
             extra.push((key.clone(), extra_value(&key, &value)?));
         }
@@ -242,6 +244,10 @@ fn extra_value(key: &str, value: &toml::Value) -> Result<MetaValue, RecipeError>
                 other => return Err(bad(&format!("unknown GGUF type `{other}`"))),
             }
         }
-        _ => return Err(bad("expected a string, a boolean, or a table such as { u32 = 5 }")),
+        _ => {
+            return Err(bad(
+                "expected a string, a boolean, or a table such as { u32 = 5 }",
+            ))
+        }
     })
 }

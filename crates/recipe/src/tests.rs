@@ -46,7 +46,10 @@ tags = ["a", "b"]
 #[test]
 fn full_recipe_parses() {
     let r = parse(FULL).unwrap();
-    assert_eq!(r.input.as_deref(), Some(Path::new("/recipes/../fixtures/tiny-llama")));
+    assert_eq!(
+        r.input.as_deref(),
+        Some(Path::new("/recipes/../fixtures/tiny-llama"))
+    );
     assert_eq!(r.output.as_deref(), Some(Path::new("/recipes/out.gguf")));
     assert_eq!(r.default, TypeChoice::Type(GgmlType::Q8_0));
     assert_eq!(r.file_type.map(|f| f.id), Some(7));
@@ -55,10 +58,17 @@ fn full_recipe_parses() {
     assert_eq!(r.rules[1].label, "rules[1]");
     assert_eq!(r.metadata.string("general.name"), Some("Tiny Llama"));
     assert_eq!(
-        r.metadata.strings.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        r.metadata
+            .strings
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect::<Vec<_>>(),
         ["general.name", "general.size_label"]
     );
-    assert!(r.metadata.extra.contains(&("kiln.count".into(), MetaValue::U32(5))));
+    assert!(r
+        .metadata
+        .extra
+        .contains(&("kiln.count".into(), MetaValue::U32(5))));
 }
 
 #[test]
@@ -67,23 +77,45 @@ fn first_matching_rule_wins() {
     let t = |hf, gguf, layer| TensorNames { hf, gguf, layer };
     let pick = |n| r.choose(&n);
     assert_eq!(
-        pick(t("model.layers.1.self_attn.v_proj.weight", "blk.1.attn_v.weight", Some(1))),
+        pick(t(
+            "model.layers.1.self_attn.v_proj.weight",
+            "blk.1.attn_v.weight",
+            Some(1)
+        )),
         (Some(0), TypeChoice::Type(GgmlType::F16))
     );
     assert_eq!(
-        pick(t("model.layers.2.self_attn.v_proj.weight", "blk.2.attn_v.weight", Some(2))),
+        pick(t(
+            "model.layers.2.self_attn.v_proj.weight",
+            "blk.2.attn_v.weight",
+            Some(2)
+        )),
         (None, TypeChoice::Type(GgmlType::Q8_0))
     );
     assert_eq!(
-        pick(t("model.layers.5.mlp.down_proj.weight", "blk.5.ffn_down.weight", Some(5))),
+        pick(t(
+            "model.layers.5.mlp.down_proj.weight",
+            "blk.5.ffn_down.weight",
+            Some(5)
+        )),
         (Some(1), TypeChoice::Keep)
     );
     assert_eq!(
-        pick(t("model.layers.5.mlp.up_proj.weight", "blk.5.ffn_up.weight", Some(5))).1,
+        pick(t(
+            "model.layers.5.mlp.up_proj.weight",
+            "blk.5.ffn_up.weight",
+            Some(5)
+        ))
+        .1,
         TypeChoice::Type(GgmlType::BF16)
     );
     assert_eq!(
-        pick(t("model.layers.3.mlp.up_proj.weight", "blk.3.ffn_up.weight", Some(3))).0,
+        pick(t(
+            "model.layers.3.mlp.up_proj.weight",
+            "blk.3.ffn_up.weight",
+            Some(3)
+        ))
+        .0,
         None
     );
     assert_eq!(
@@ -95,9 +127,27 @@ fn first_matching_rule_wins() {
 #[test]
 fn layer_ranges() {
     let r = |s: &str| LayerSet::parse(&raw::LayersSpec::Range(s.into()));
-    assert_eq!(r("3"), Some(LayerSet::Range { start: 3, end: Some(4) }));
-    assert_eq!(r("0..=3"), Some(LayerSet::Range { start: 0, end: Some(4) }));
-    assert_eq!(r("8.."), Some(LayerSet::Range { start: 8, end: None }));
+    assert_eq!(
+        r("3"),
+        Some(LayerSet::Range {
+            start: 3,
+            end: Some(4)
+        })
+    );
+    assert_eq!(
+        r("0..=3"),
+        Some(LayerSet::Range {
+            start: 0,
+            end: Some(4)
+        })
+    );
+    assert_eq!(
+        r("8.."),
+        Some(LayerSet::Range {
+            start: 8,
+            end: None
+        })
+    );
     assert_eq!(r("4..4"), None);
     assert_eq!(r("x"), None);
     assert!(r("2..5").unwrap().contains(4));
@@ -124,9 +174,15 @@ fn unknown_keys_are_rejected_everywhere() {
 fn unknown_key_in_file_reports_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r.toml");
-    std::fs::write(&path, "kiln = 1\n[quantize]\ndefault = \"f16\"\nbogus = 2\n").unwrap();
+    std::fs::write(
+        &path,
+        "kiln = 1\n[quantize]\ndefault = \"f16\"\nbogus = 2\n",
+    )
+    .unwrap();
     match Recipe::load(&path) {
-        Err(RecipeError::UnknownKey { file, key, line, .. }) => {
+        Err(RecipeError::UnknownKey {
+            file, key, line, ..
+        }) => {
             assert_eq!(file.as_deref(), Some(path.as_path()));
             assert_eq!(key, "bogus");
             assert_eq!(line, Some(4));
@@ -137,16 +193,50 @@ fn unknown_key_in_file_reports_file_and_line() {
 
 #[test]
 fn each_mistake_has_its_own_error() {
-    assert!(matches!(parse("kiln = 2\n[quantize]\ndefault = \"f16\""), Err(RecipeError::UnsupportedVersion(2))));
-    assert!(matches!(parse("kiln = 1\n[quantize]\ndefault = \"q9_9\""), Err(RecipeError::UnknownType { .. })));
-    assert!(matches!(parse("kiln = 1\n[quantize]\ndefault = \"f16\"\nfile-type = \"nope\""), Err(RecipeError::UnknownFileType { .. })));
-    assert!(matches!(parse("kiln = 1\n[quantize]\ndefault = \"f16\"\n[[rules]]\ntype = \"f16\""), Err(RecipeError::EmptySelector { rule: 0 })));
-    assert!(matches!(parse("kiln = 1\n[quantize]\ndefault = \"f16\"\n[[rules]]\ntensors = \"a[\"\ntype = \"f16\""), Err(RecipeError::BadGlob { .. })));
-    assert!(matches!(parse("kiln = 1\n[quantize]\ndefault = \"f16\"\n[[rules]]\nregex = \"(\"\ntype = \"f16\""), Err(RecipeError::BadRegex { .. })));
-    assert!(matches!(parse("kiln = 1\n[quantize]\ndefault = \"f16\"\n[[rules]]\nlayers = \"5..2\"\ntype = \"f16\""), Err(RecipeError::BadLayers { .. })));
-    assert!(matches!(parse("kiln = 1\n[quantize]\ndefault = \"f16\"\n[output]\nalignment = 24"), Err(RecipeError::InvalidAlignment(24))));
-    assert!(matches!(parse("kiln = 1\n[quantize]\ndefault = \"f16\"\n[metadata.extra]\nk = 5"), Err(RecipeError::BadMetadata(_))));
-    assert!(matches!(parse("kiln = 1\n[quantize]\ndefault = 5"), Err(RecipeError::Syntax { .. })));
+    assert!(matches!(
+        parse("kiln = 2\n[quantize]\ndefault = \"f16\""),
+        Err(RecipeError::UnsupportedVersion(2))
+    ));
+    assert!(matches!(
+        parse("kiln = 1\n[quantize]\ndefault = \"q9_9\""),
+        Err(RecipeError::UnknownType { .. })
+    ));
+    assert!(matches!(
+        parse("kiln = 1\n[quantize]\ndefault = \"f16\"\nfile-type = \"nope\""),
+        Err(RecipeError::UnknownFileType { .. })
+    ));
+    assert!(matches!(
+        parse("kiln = 1\n[quantize]\ndefault = \"f16\"\n[[rules]]\ntype = \"f16\""),
+        Err(RecipeError::EmptySelector { rule: 0 })
+    ));
+    assert!(matches!(
+        parse(
+            "kiln = 1\n[quantize]\ndefault = \"f16\"\n[[rules]]\ntensors = \"a[\"\ntype = \"f16\""
+        ),
+        Err(RecipeError::BadGlob { .. })
+    ));
+    assert!(matches!(
+        parse("kiln = 1\n[quantize]\ndefault = \"f16\"\n[[rules]]\nregex = \"(\"\ntype = \"f16\""),
+        Err(RecipeError::BadRegex { .. })
+    ));
+    assert!(matches!(
+        parse(
+            "kiln = 1\n[quantize]\ndefault = \"f16\"\n[[rules]]\nlayers = \"5..2\"\ntype = \"f16\""
+        ),
+        Err(RecipeError::BadLayers { .. })
+    ));
+    assert!(matches!(
+        parse("kiln = 1\n[quantize]\ndefault = \"f16\"\n[output]\nalignment = 24"),
+        Err(RecipeError::InvalidAlignment(24))
+    ));
+    assert!(matches!(
+        parse("kiln = 1\n[quantize]\ndefault = \"f16\"\n[metadata.extra]\nk = 5"),
+        Err(RecipeError::BadMetadata(_))
+    ));
+    assert!(matches!(
+        parse("kiln = 1\n[quantize]\ndefault = 5"),
+        Err(RecipeError::Syntax { .. })
+    ));
     assert!(matches!(parse("kiln = 1"), Err(RecipeError::Syntax { .. })));
 }
 

@@ -59,10 +59,9 @@ impl GgufLayout {
         match metadata.iter().find(|(k, _)| k == "general.alignment") {
             Some((_, MetaValue::U32(a))) if u64::from(*a) == alignment => {}
             Some(_) => return Err(WriteError::InvalidAlignment(alignment)),
-            None if alignment != GGUF_DEFAULT_ALIGNMENT => metadata.push((
-                "general.alignment".into(),
-                MetaValue::U32(alignment as u32),
-            )),
+            None if alignment != GGUF_DEFAULT_ALIGNMENT => {
+                metadata.push(("general.alignment".into(), MetaValue::U32(alignment as u32)))
+            }
             None => {}
         }
         let mut keys = BTreeSet::new();
@@ -192,17 +191,35 @@ fn encode_value(out: &mut Vec<u8>, value: &MetaValue) {
             put_u64(out, a.len() as u64);
             match a {
                 MetaArray::U8(v) => out.extend_from_slice(v),
-                MetaArray::I8(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-                MetaArray::U16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-                MetaArray::I16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-                MetaArray::U32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-                MetaArray::I32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-                MetaArray::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                MetaArray::I8(v) => v
+                    .iter()
+                    .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                MetaArray::U16(v) => v
+                    .iter()
+                    .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                MetaArray::I16(v) => v
+                    .iter()
+                    .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                MetaArray::U32(v) => v
+                    .iter()
+                    .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                MetaArray::I32(v) => v
+                    .iter()
+                    .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                MetaArray::F32(v) => v
+                    .iter()
+                    .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
                 MetaArray::Bool(v) => v.iter().for_each(|x| out.push(u8::from(*x))),
                 MetaArray::String(v) => v.iter().for_each(|s| put_str(out, s)),
-                MetaArray::U64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-                MetaArray::I64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-                MetaArray::F64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                MetaArray::U64(v) => v
+                    .iter()
+                    .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                MetaArray::I64(v) => v
+                    .iter()
+                    .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                MetaArray::F64(v) => v
+                    .iter()
+                    .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
             }
         }
     }
@@ -334,8 +351,14 @@ impl<W: Write> GgufWriter<W> {
             .layout
             .tensors
             .get(self.current)
-            .map_or(self.layout.file_len(), |s| self.layout.data_offset() + s.offset);
-        debug_assert_eq!(self.out.position(), expected, "internal error: writer position");
+            .map_or(self.layout.file_len(), |s| {
+                self.layout.data_offset() + s.offset
+            });
+        debug_assert_eq!(
+            self.out.position(),
+            expected,
+            "internal error: writer position"
+        );
         Ok(())
     }
 
@@ -402,10 +425,7 @@ mod tests {
         assert_eq!(bytes, expected);
         assert_eq!(file.len, 128);
         assert_eq!(file.tensors[0].file_offset, 96);
-        assert_eq!(
-            file.xxh3,
-            Xxh3Digest(xxhash_rust::xxh3::xxh3_64(&expected))
-        );
+        assert_eq!(file.xxh3, Xxh3Digest(xxhash_rust::xxh3::xxh3_64(&expected)));
     }
 
     #[test]
@@ -423,7 +443,10 @@ mod tests {
         let mut w = GgufWriter::new(Vec::new(), layout).unwrap();
         assert!(matches!(
             w.write_tensor_chunk(1, &[0; 6]),
-            Err(WriteError::OutOfOrder { expected: 0, actual: 1 })
+            Err(WriteError::OutOfOrder {
+                expected: 0,
+                actual: 1
+            })
         ));
         w.write_tensor_chunk(0, &[0; 30]).unwrap();
         assert!(matches!(
@@ -435,7 +458,13 @@ mod tests {
             Ok(w2) => w2.finish().err(),
             Err(e) => Some(e),
         };
-        assert!(matches!(err, Some(WriteError::Incomplete { written: 0, total: 2 })));
+        assert!(matches!(
+            err,
+            Some(WriteError::Incomplete {
+                written: 0,
+                total: 2
+            })
+        ));
         w.write_tensor(1, &[0; 6]).unwrap();
         let (bytes, _) = w.finish().unwrap();
         assert_eq!(bytes.len() as u64 % 32, 0);
@@ -451,7 +480,10 @@ mod tests {
         assert!(matches!(
             GgufLayout::new(
                 vec![],
-                vec![spec("a", &[1], GgmlType::F32), spec("a", &[1], GgmlType::F32)],
+                vec![
+                    spec("a", &[1], GgmlType::F32),
+                    spec("a", &[1], GgmlType::F32)
+                ],
                 32
             ),
             Err(WriteError::DuplicateTensor(_))
@@ -466,7 +498,10 @@ mod tests {
         ));
         assert!(matches!(
             GgufLayout::new(
-                vec![("k".into(), MetaValue::Bool(true)), ("k".into(), MetaValue::Bool(false))],
+                vec![
+                    ("k".into(), MetaValue::Bool(true)),
+                    ("k".into(), MetaValue::Bool(false))
+                ],
                 vec![],
                 32
             ),

@@ -1,0 +1,211 @@
+//! Everything kiln prints. The only module allowed to write to stdout and stderr.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use kiln_pipeline::{meta_to_json, BuildPlan, Inspection, PipelineError, Report};
+use kiln_types::MetaValue;
+use serde_json::json;
+
+pub(crate) fn error(e: &PipelineError) {
+    eprintln!("error: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        eprintln!("  caused by: {s}");
+        source = s.source();
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[unit])
+    }
+}
+
+fn shape(ne: &[u64]) -> String {
+    ne.iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("×")
+}
+
+pub(crate) fn plan(plan: &BuildPlan, as_json: bool) {
+    if as_json {
+        let tensors: Vec<_> = plan
+            .tensors
+            .iter()
+            .map(|t| {
+                json!({
+                    "name": t.name,
+                    "source": t.source_name,
+                    "layer": t.layer,
+                    "source_type": t.source_type.to_string(),
+                    "shape": t.ne,
+                    "type": t.ty.to_string(),
+                    "decision": t.decision.to_string(),
+                    "bytes": t.nbytes,
+                })
+            })
+            .collect();
+        let out = json!({
+            "input": plan.input,
+            "output": plan.output,
+            "architecture": plan.arch,
+            "file_type": plan.file_type.name,
+            "parameters": plan.parameters(),
+            "tensor_bytes": plan.tensor_bytes(),
+            "tensors": tensors,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        return;
+    }
+    println!("input:  {}", plan.input.display());
+    println!("output: {}", plan.output.display());
+    println!(
+        "architecture {}, file type {}, {} tensors, {} parameters",
+        plan.arch,
+        plan.file_type.name,
+        plan.tensors.len(),
+        plan.parameters()
+    );
+    let name_w = plan
+        .tensors
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let shape_w = plan
+        .tensors
+        .iter()
+        .map(|t| shape(&t.ne).len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    println!(
+        "{:>4}  {:name_w$}  {:shape_w$}  {:5} → {:7}  {:>10}  rule",
+        "#", "tensor", "shape", "from", "type", "size"
+    );
+    for (i, t) in plan.tensors.iter().enumerate() {
+        println!(
+            "{:>4}  {:name_w$}  {:shape_w$}  {:5} → {:7}  {:>10}  {}",
+            i,
+            t.name,
+            shape(&t.ne),
+            t.source_type.to_string(),
+            t.ty.to_string(),
+            human_bytes(t.nbytes),
+            t.decision
+        );
+    }
+    let bpw = plan.tensor_bytes() as f64 * 8.0 / plan.parameters().max(1) as f64;
+    println!(
+        "total: {} of tensor data, {:.3} bits per weight",
+        human_bytes(plan.tensor_bytes()),
+        bpw
+    );
+}
+
+pub(crate) fn report(report: &Report, as_json: bool, quiet: bool) {
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        );
+        return;
+    }
+    if quiet {
+        return;
+    }
+    println!(
+        "wrote {} ({}, {} tensors, {} parameters, {:.3} bpw, file type {})",
+        report.output.display(),
+        human_bytes(report.file_bytes),
+        report.tensors.len(),
+        report.parameters,
+        report.bpw,
+        report.file_type
+    );
+    println!(
+        "xxh3 {}  in {:.2} s on {} threads ({:.1} M parameters/s)",
+        report.file_xxh3,
+        report.seconds,
+        report.threads,
+        report.parameters as f64 / report.seconds.max(1e-9) / 1e6
+    );
+}
+
+fn meta_line(v: &MetaValue, full: bool) -> String {
+    if full {
+        if let MetaValue::Array(_) = v {
+            return meta_to_json(v).to_string();
+        }
+    }
+    v.to_string()
+}
+
+pub(crate) fn inspection(ins: &Inspection, as_json: bool, full: bool) {
+    if as_json {
+        let mut value = serde_json::to_value(ins).unwrap_or_default();
+        let metadata: serde_json::Map<String, serde_json::Value> = ins
+            .metadata
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    json!({"type": v.value_type().name(), "value": meta_to_json(v)}),
+                )
+            })
+            .collect();
+        value["metadata"] = serde_json::Value::Object(metadata);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+        return;
+    }
+    println!("{} ({})", ins.path.display(), ins.format);
+    if let (Some(v), Some(a)) = (ins.version, ins.alignment) {
+        println!("GGUF v{v}, alignment {a}");
+    }
+    if !ins.metadata.is_empty() {
+        println!("metadata ({} keys):", ins.metadata.len());
+        let key_w = ins.metadata.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        for (k, v) in &ins.metadata {
+            println!(
+                "  {k:key_w$}  {:6}  {}",
+                v.value_type().name(),
+                meta_line(v, full)
+            );
+        }
+    }
+    println!(
+        "tensors ({}, {} parameters):",
+        ins.tensors.len(),
+        ins.parameters
+    );
+    let name_w = ins.tensors.iter().map(|t| t.name.len()).max().unwrap_or(0);
+    for t in &ins.tensors {
+        let size = t.bytes.map(human_bytes).unwrap_or_else(|| "?".into());
+        let file = t
+            .file
+            .as_deref()
+            .map(|f| format!("  {f}"))
+            .unwrap_or_default();
+        println!(
+            "  {:name_w$}  {:8}  {:>16}  {:>10}{}",
+            t.name,
+            t.ty,
+            shape(&t.shape),
+            size,
+            file
+        );
+    }
+}

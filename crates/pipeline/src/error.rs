@@ -1,0 +1,101 @@
+//! Pipeline errors.
+
+use std::path::PathBuf;
+
+use kiln_types::GgmlType;
+
+/// Why a plan or build failed. Each variant says which file and tensor were involved.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// The recipe is invalid.
+    #[error(transparent)]
+    Recipe(#[from] kiln_recipe::RecipeError),
+    /// Neither the recipe nor the command line names an input.
+    #[error("no input: set [input] path in the recipe or pass --input")]
+    NoInput,
+    /// Neither the recipe nor the command line names an output.
+    #[error("no output: set [output] path in the recipe or pass --output")]
+    NoOutput,
+    /// The output path is one of the input files.
+    #[error("output {0} would overwrite an input file")]
+    OutputIsInput(PathBuf),
+    /// The checkpoint could not be read.
+    #[error(transparent)]
+    Read(#[from] kiln_reader::ReadError),
+    /// The model family rejected the checkpoint.
+    #[error("{path}: {source}")]
+    Arch {
+        /// The checkpoint folder.
+        path: PathBuf,
+        /// What is wrong.
+        source: kiln_arch::ArchError,
+    },
+    /// Tensors the model family does not know.
+    #[error("{path}: {} tensor(s) not understood by the `{arch}` family: {}", names.len(), names.join(", "))]
+    UnmappedTensors {
+        /// The checkpoint folder.
+        path: PathBuf,
+        /// The family.
+        arch: String,
+        /// The tensor names.
+        names: Vec<String>,
+    },
+    /// A tensor's element type cannot be converted.
+    #[error(
+        "{path}: tensor `{tensor}` has unsupported dtype {dtype} (kiln reads F32, F16 and BF16)"
+    )]
+    UnsupportedDtype {
+        /// The shard file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Its dtype.
+        dtype: String,
+    },
+    /// A tensor asks for a type kiln cannot produce.
+    #[error("tensor `{tensor}`: kiln cannot produce type {ty} yet")]
+    UnsupportedType {
+        /// The tensor (GGUF name).
+        tensor: String,
+        /// The type.
+        ty: GgmlType,
+    },
+    /// A tensor's shape cannot be stored.
+    #[error("{path}: tensor `{tensor}`: {problem}")]
+    BadShape {
+        /// The shard file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// Quantizing a tensor failed.
+    #[error("tensor `{tensor}`: {source}")]
+    Quant {
+        /// The tensor (GGUF name).
+        tensor: String,
+        /// What failed.
+        source: kiln_quant::QuantError,
+    },
+    /// Writing the output failed.
+    #[error("{path}: {source}")]
+    Write {
+        /// The output file.
+        path: PathBuf,
+        /// What failed.
+        source: kiln_writer::WriteError,
+    },
+    /// The thread pool could not be created.
+    #[error("cannot start {threads} worker threads: {message}")]
+    Threads {
+        /// Threads asked for.
+        threads: usize,
+        /// Why.
+        message: String,
+    },
+    /// A file to inspect is neither GGUF nor safetensors.
+    #[error("{0}: not a GGUF file, a safetensors file or a checkpoint folder")]
+    UnknownFormat(PathBuf),
+}
