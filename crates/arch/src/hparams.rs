@@ -55,10 +55,11 @@ impl HParams {
         if let Some(heads) = self.u64("num_attention_heads") {
             set_default(&mut self.map, "num_key_value_heads", Value::from(heads));
             if derive_head_dim {
-                if let Some(hidden) = self.u64("hidden_size") {
-                    if heads > 0 {
-                        set_default(&mut self.map, "head_dim", Value::from(hidden / heads));
-                    }
+                if let Some(head_dim) = self
+                    .u64("hidden_size")
+                    .and_then(|hidden| hidden.checked_div(heads))
+                {
+                    set_default(&mut self.map, "head_dim", Value::from(head_dim));
                 }
             }
         }

@@ -2,16 +2,35 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use kiln_pipeline::{meta_to_json, BuildPlan, Inspection, PipelineError, Report};
+use std::fmt::Write as _;
+use std::io::Write as _;
+
 use kiln_types::MetaValue;
 use serde_json::json;
 
+/// `writeln!` into a `String` (which cannot fail).
+macro_rules! outln {
+    ($o:expr, $($arg:tt)*) => {{
+        let _ = writeln!($o, $($arg)*);
+    }};
+}
+
+/// Writes to stdout; a closed pipe (`kiln inspect x | head`) ends the output quietly.
+fn emit(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("error: cannot write output: {e}");
+        }
+    }
+}
+
+/// Errors print as one line: each error's message already includes its cause's.
 pub(crate) fn error(e: &PipelineError) {
     eprintln!("error: {e}");
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        eprintln!("  caused by: {s}");
-        source = s.source();
-    }
 }
 
 fn human_bytes(n: u64) -> String {
@@ -37,6 +56,7 @@ fn shape(ne: &[u64]) -> String {
 }
 
 pub(crate) fn plan(plan: &BuildPlan, as_json: bool) {
+    let mut o = String::new();
     if as_json {
         let tensors: Vec<_> = plan
             .tensors
@@ -63,12 +83,18 @@ pub(crate) fn plan(plan: &BuildPlan, as_json: bool) {
             "tensor_bytes": plan.tensor_bytes(),
             "tensors": tensors,
         });
-        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        outln!(
+            o,
+            "{}",
+            serde_json::to_string_pretty(&out).unwrap_or_default()
+        );
+        emit(&o);
         return;
     }
-    println!("input:  {}", plan.input.display());
-    println!("output: {}", plan.output.display());
-    println!(
+    outln!(o, "input:  {}", plan.input.display());
+    outln!(o, "output: {}", plan.output.display());
+    outln!(
+        o,
         "architecture {}, file type {}, {} tensors, {} parameters",
         plan.arch,
         plan.file_type.name,
@@ -89,12 +115,19 @@ pub(crate) fn plan(plan: &BuildPlan, as_json: bool) {
         .max()
         .unwrap_or(5)
         .max(5);
-    println!(
+    outln!(
+        o,
         "{:>4}  {:name_w$}  {:shape_w$}  {:5} → {:7}  {:>10}  rule",
-        "#", "tensor", "shape", "from", "type", "size"
+        "#",
+        "tensor",
+        "shape",
+        "from",
+        "type",
+        "size"
     );
     for (i, t) in plan.tensors.iter().enumerate() {
-        println!(
+        outln!(
+            o,
             "{:>4}  {:name_w$}  {:shape_w$}  {:5} → {:7}  {:>10}  {}",
             i,
             t.name,
@@ -106,25 +139,32 @@ pub(crate) fn plan(plan: &BuildPlan, as_json: bool) {
         );
     }
     let bpw = plan.tensor_bytes() as f64 * 8.0 / plan.parameters().max(1) as f64;
-    println!(
+    outln!(
+        o,
         "total: {} of tensor data, {:.3} bits per weight",
         human_bytes(plan.tensor_bytes()),
         bpw
     );
+    emit(&o);
 }
 
 pub(crate) fn report(report: &Report, as_json: bool, quiet: bool) {
+    let mut o = String::new();
     if as_json {
-        println!(
+        outln!(
+            o,
             "{}",
             serde_json::to_string_pretty(report).unwrap_or_default()
         );
+        emit(&o);
         return;
     }
     if quiet {
+        emit(&o);
         return;
     }
-    println!(
+    outln!(
+        o,
         "wrote {} ({}, {} tensors, {} parameters, {:.3} bpw, file type {})",
         report.output.display(),
         human_bytes(report.file_bytes),
@@ -133,13 +173,15 @@ pub(crate) fn report(report: &Report, as_json: bool, quiet: bool) {
         report.bpw,
         report.file_type
     );
-    println!(
+    outln!(
+        o,
         "xxh3 {}  in {:.2} s on {} threads ({:.1} M parameters/s)",
         report.file_xxh3,
         report.seconds,
         report.threads,
         report.parameters as f64 / report.seconds.max(1e-9) / 1e6
     );
+    emit(&o);
 }
 
 fn meta_line(v: &MetaValue, full: bool) -> String {
@@ -152,6 +194,7 @@ fn meta_line(v: &MetaValue, full: bool) -> String {
 }
 
 pub(crate) fn inspection(ins: &Inspection, as_json: bool, full: bool) {
+    let mut o = String::new();
     if as_json {
         let mut value = serde_json::to_value(ins).unwrap_or_default();
         let metadata: serde_json::Map<String, serde_json::Value> = ins
@@ -165,28 +208,32 @@ pub(crate) fn inspection(ins: &Inspection, as_json: bool, full: bool) {
             })
             .collect();
         value["metadata"] = serde_json::Value::Object(metadata);
-        println!(
+        outln!(
+            o,
             "{}",
             serde_json::to_string_pretty(&value).unwrap_or_default()
         );
+        emit(&o);
         return;
     }
-    println!("{} ({})", ins.path.display(), ins.format);
+    outln!(o, "{} ({})", ins.path.display(), ins.format);
     if let (Some(v), Some(a)) = (ins.version, ins.alignment) {
-        println!("GGUF v{v}, alignment {a}");
+        outln!(o, "GGUF v{v}, alignment {a}");
     }
     if !ins.metadata.is_empty() {
-        println!("metadata ({} keys):", ins.metadata.len());
+        outln!(o, "metadata ({} keys):", ins.metadata.len());
         let key_w = ins.metadata.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         for (k, v) in &ins.metadata {
-            println!(
+            outln!(
+                o,
                 "  {k:key_w$}  {:6}  {}",
                 v.value_type().name(),
                 meta_line(v, full)
             );
         }
     }
-    println!(
+    outln!(
+        o,
         "tensors ({}, {} parameters):",
         ins.tensors.len(),
         ins.parameters
@@ -199,7 +246,8 @@ pub(crate) fn inspection(ins: &Inspection, as_json: bool, full: bool) {
             .as_deref()
             .map(|f| format!("  {f}"))
             .unwrap_or_default();
-        println!(
+        outln!(
+            o,
             "  {:name_w$}  {:8}  {:>16}  {:>10}{}",
             t.name,
             t.ty,
@@ -208,4 +256,5 @@ pub(crate) fn inspection(ins: &Inspection, as_json: bool, full: bool) {
             file
         );
     }
+    emit(&o);
 }

@@ -134,6 +134,14 @@ pub fn build(
         .sum();
     progress.begin(plan.tensors.len(), source_bytes);
     let result = (|| -> Result<kiln_writer::WrittenFile, PipelineError> {
+        if let Some(dir) = plan.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                write_err(kiln_writer::WriteError::Io {
+                    path: dir.to_path_buf(),
+                    source: e,
+                })
+            })?;
+        }
         let mut file = AtomicFile::create(&plan.output).map_err(write_err)?;
         let out = BufWriter::with_capacity(1 << 20, file.file());
         let mut writer = GgufWriter::new(out, layout).map_err(write_err)?;

@@ -81,7 +81,7 @@ impl SpecialVocab {
             n_vocab,
             ..Default::default()
         };
-        sv.from_tokenizer_files(files, load_merges)?;
+        sv.read_tokenizer_files(files, load_merges)?;
         if let Some(config) = files.json("config.json")? {
             for typ in sv.types.clone() {
                 sv.set_id(&typ, config.get(format!("{typ}_token_id")));
@@ -107,7 +107,7 @@ impl SpecialVocab {
         }
     }
 
-    fn from_tokenizer_files(
+    fn read_tokenizer_files(
         &mut self,
         files: &SideFiles,
         load_merges: bool,

@@ -1,0 +1,159 @@
+//! kiln against llama.cpp: the fixture checkpoint converted to each type must match
+//! `convert_hf_to_gguf.py`'s output tensor for tensor, key for key, and (with the recipe setting
+//! `general.name` as the converter derived it) byte for byte as a whole file.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::*;
+use kiln_pipeline::{build, plan, BuildOptions, Recipe};
+use kiln_reader::gguf::GgufFile;
+
+fn recipe(ty: &str, input: &Path, output: &Path) -> Recipe {
+    let text = format!(
+        "kiln = 1\n[input]\npath = {input:?}\n[output]\npath = {output:?}\n[quantize]\ndefault = \"{ty}\"\n[metadata]\nname = \"Tiny Llama\"\n"
+    );
+    Recipe::from_toml(&text, Path::new(".")).expect("recipe")
+}
+
+fn convert(ty: &str, threads: usize, chunk_bytes: usize) -> (tempfile::TempDir, Vec<u8>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join(format!("tiny-llama-{ty}.gguf"));
+    let recipe = recipe(ty, &fixture("tiny-llama"), &out);
+    let plan = plan(&recipe, &access()).expect("plan");
+    let options = BuildOptions {
+        threads: Some(threads),
+        chunk_bytes,
+    };
+    build(&plan, &options, &()).expect("build");
+    let bytes = std::fs::read(&out).expect("output");
+    (dir, bytes)
+}
+
+fn check_against_golden(ty: &str) {
+    let golden = golden("tiny-llama");
+    let g = &golden[format!("convert-{ty}.gguf")];
+    let (_dir, bytes) = convert(ty, 2, 4 << 20);
+    let file = GgufFile::parse(&bytes).expect("kiln output parses");
+
+    // Tensors: same set of names; per tensor the same type, shape and data bytes.
+    let ours: BTreeMap<&str, usize> = file
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
+    let gt = g["tensors"].as_array().expect("tensors");
+    assert_eq!(ours.len(), gt.len(), "{ty}: tensor count");
+    for t in gt {
+        let name = t["name"].as_str().expect("name");
+        let &i = ours
+            .get(name)
+            .unwrap_or_else(|| panic!("{ty}: missing tensor {name}"));
+        let info = &file.tensors[i];
+        assert_eq!(
+            info.ty.name(),
+            t["type"].as_str().expect("type"),
+            "{ty}: {name} type"
+        );
+        let shape: Vec<u64> = t["shape"]
+            .as_array()
+            .expect("shape")
+            .iter()
+            .map(|d| d.as_u64().expect("dim"))
+            .collect();
+        assert_eq!(info.ne, shape, "{ty}: {name} shape");
+        let data = file.tensor_data(i).expect("data");
+        assert_eq!(
+            sha256_hex(data),
+            t["sha256"].as_str().expect("sha"),
+            "{ty}: {name} data bytes"
+        );
+    }
+
+    // Metadata: every golden key present with an equal value.
+    for (key, value) in g["metadata"].as_object().expect("metadata") {
+        let ours = file
+            .get(key)
+            .unwrap_or_else(|| panic!("{ty}: missing key {key}"));
+        assert!(
+            meta_matches(ours, value),
+            "{ty}: {key} = {ours} vs golden {value}"
+        );
+    }
+
+    // And the strongest form: the very same file.
+    assert_eq!(
+        sha256_hex(&bytes),
+        g["file_sha256"].as_str().expect("file sha"),
+        "{ty}: whole-file bytes"
+    );
+}
+
+#[test]
+fn tiny_llama_f32_matches_llama_cpp() {
+    check_against_golden("f32");
+}
+
+#[test]
+fn tiny_llama_f16_matches_llama_cpp() {
+    check_against_golden("f16");
+}
+
+#[test]
+fn tiny_llama_bf16_matches_llama_cpp() {
+    check_against_golden("bf16");
+}
+
+#[test]
+fn tiny_llama_q8_0_matches_llama_cpp() {
+    check_against_golden("q8_0");
+}
+
+#[test]
+fn output_does_not_depend_on_threads_or_chunking() {
+    let (_a, one) = convert("q8_0", 1, 4 << 20);
+    let (_b, two) = convert("q8_0", 2, 4 << 20);
+    // 1 KiB chunks split every tensor into many pieces processed out of order by the pool.
+    let (_c, small) = convert("q8_0", 2, 1 << 10);
+    let (_d, eight) = convert("q8_0", 8, 1 << 12);
+    assert!(one == two, "1 vs 2 threads differ");
+    assert!(one == small, "chunking changes bytes");
+    assert!(one == eight, "8 threads differ");
+}
+
+#[test]
+fn independent_reader_gguf_rs_sees_every_tensor_and_key() {
+    let (dir, bytes) = convert("q8_0", 2, 4 << 20);
+    let ours = GgufFile::parse(&bytes).expect("parse");
+    let path = dir.path().join("tiny-llama-q8_0.gguf");
+    let mut container =
+        gguf_rs::get_gguf_container_array_size(path.to_str().expect("utf-8 path"), u64::MAX)
+            .expect("gguf-rs opens the file");
+    let model = container.decode().expect("gguf-rs decodes the file");
+    assert_eq!(model.num_tensor(), ours.tensors.len() as u64);
+    assert_eq!(model.data_offset(), ours.data_offset);
+    let theirs: BTreeMap<&str, &gguf_rs::Tensor> = model
+        .tensors()
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    for t in &ours.tensors {
+        let other = theirs
+            .get(t.name.as_str())
+            .unwrap_or_else(|| panic!("gguf-rs lacks {}", t.name));
+        assert_eq!(other.kind, t.ty.0, "{}", t.name);
+        assert_eq!(other.shape, t.ne, "{}", t.name);
+        assert_eq!(other.offset, t.offset, "{}", t.name);
+        assert_eq!(Some(other.size), t.nbytes, "{}", t.name);
+    }
+    let metadata = model.metadata();
+    for (key, value) in &ours.metadata {
+        let other = metadata
+            .get(key)
+            .unwrap_or_else(|| panic!("gguf-rs lacks key {key}"));
+        assert_eq!(other, &kiln_pipeline::meta_to_json(value), "{key}");
+    }
+}
