@@ -157,3 +157,89 @@ fn independent_reader_gguf_rs_sees_every_tensor_and_key() {
         assert_eq!(other, &kiln_pipeline::meta_to_json(value), "{key}");
     }
 }
+
+#[test]
+fn rayon_num_threads_is_honoured_and_cli_flag_wins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("t.gguf");
+    let run = |env: Option<&str>, flag: Option<&str>| -> serde_json::Value {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.args(["convert", "--type", "q8_0", "--json"])
+            .arg(fixture("tiny-llama"))
+            .arg(&out);
+        if let Some(n) = env {
+            cmd.env("RAYON_NUM_THREADS", n);
+        }
+        if let Some(n) = flag {
+            cmd.args(["--threads", n]);
+        }
+        let output = cmd.output().expect("run kiln");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("JSON report")
+    };
+    assert_eq!(run(Some("1"), None)["threads"], 1);
+    assert_eq!(run(Some("1"), Some("3"))["threads"], 3);
+    let a = run(Some("1"), None)["file_xxh3"].clone();
+    let b = run(None, Some("2"))["file_xxh3"].clone();
+    assert_eq!(a, b);
+}
+
+/// A Mistral-style config (older top-level `rope_theta`, no `head_dim`, `rope_scaling` null) over
+/// the same weights: the tensors must be identical to the Llama golden, and the metadata derived
+/// from the other config form.
+#[test]
+fn mistral_config_with_top_level_rope_theta() {
+    let (_keep, ckpt) = copy_fixture("tiny-llama");
+    let path = ckpt.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("config")).expect("json");
+    let obj = config.as_object_mut().expect("object");
+    obj.insert(
+        "architectures".into(),
+        serde_json::json!(["MistralForCausalLM"]),
+    );
+    obj.insert("model_type".into(), serde_json::json!("mistral"));
+    obj.remove("rope_parameters");
+    obj.remove("head_dim");
+    obj.remove("max_position_embeddings");
+    obj.insert("rope_theta".into(), serde_json::json!(500000.0));
+    obj.insert("rope_scaling".into(), serde_json::Value::Null);
+    obj.insert("sliding_window".into(), serde_json::json!(4096));
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json")).expect("write");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("m.gguf");
+    let plan = plan(&recipe("q8_0", &ckpt, &out), &access()).expect("plan");
+    build(&plan, &BuildOptions::default(), &()).expect("build");
+    let bytes = std::fs::read(&out).expect("output");
+    let file = GgufFile::parse(&bytes).expect("parse");
+    let get = |k: &str| file.get(k).unwrap_or_else(|| panic!("missing {k}")).clone();
+    use kiln_types::MetaValue;
+    assert_eq!(
+        get("general.architecture"),
+        MetaValue::String("llama".into())
+    );
+    assert_eq!(get("llama.rope.freq_base"), MetaValue::F32(500000.0));
+    // MistralConfig derives head_dim and defaults max_position_embeddings to 4096 * 32.
+    assert_eq!(get("llama.attention.key_length"), MetaValue::U32(64));
+    assert_eq!(get("llama.context_length"), MetaValue::U32(131072));
+    assert_eq!(get("llama.rope.dimension_count"), MetaValue::U32(64));
+
+    let golden = golden("tiny-llama");
+    for t in golden["convert-q8_0.gguf"]["tensors"]
+        .as_array()
+        .expect("tensors")
+    {
+        let i = file
+            .tensor_index(t["name"].as_str().expect("name"))
+            .expect("tensor");
+        assert_eq!(
+            sha256_hex(file.tensor_data(i).expect("data")),
+            t["sha256"].as_str().expect("sha")
+        );
+    }
+}
