@@ -239,6 +239,17 @@ fn write_tensor<W: Write>(
                 })?;
             progress.advance((end - start) * src_row_bytes);
         }
+        // Unpermuted rows are read in order, so the group's source pages are done with; this
+        // keeps resident memory at the chunks in flight even for the largest tensor.
+        if tensor.transform == Transform::None {
+            if let (Some(first), Some(last)) = (group.first(), group.last()) {
+                plan.checkpoint.release_range(
+                    entry,
+                    (first.0 * src_row_bytes) as usize,
+                    (last.1 * src_row_bytes) as usize,
+                );
+            }
+        }
     }
     if rows == 0 {
         writer

@@ -214,6 +214,17 @@ impl Checkpoint {
         &self.shards[entry.shard].file.bytes()[entry.start..entry.start + entry.len]
     }
 
+    /// Lets the pages of bytes `start..end` of a tensor leave the resident set once kiln is done
+    /// with them (out-of-range parts are ignored).
+    pub fn release_range(&self, entry: &TensorEntry, start: usize, end: usize) {
+        let end = end.min(entry.len);
+        if start < end {
+            self.shards[entry.shard]
+                .file
+                .release(entry.start + start, end - start);
+        }
+    }
+
     /// Lets the pages of a tensor leave the resident set once kiln is done with it.
     pub fn release(&self, entry: &TensorEntry) {
         self.shards[entry.shard]
