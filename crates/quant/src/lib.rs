@@ -22,7 +22,7 @@ pub mod scalar;
 
 use kiln_types::GgmlType;
 
-pub use kernels::{kernel, Kernel, KERNELS};
+pub use kernels::{kernel, kernels, Kernel};
 
 /// Why a quantization call was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

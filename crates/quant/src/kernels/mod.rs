@@ -2,9 +2,18 @@
 
 use kiln_types::GgmlType;
 
-use crate::blocks::{Block, BlockQ8_0};
-use crate::scalar::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits};
 use crate::QuantError;
+
+mod iq2;
+mod iq3;
+mod iq4;
+mod kquants;
+mod legacy;
+mod mxfp4;
+mod plain;
+mod q8_0;
+pub(crate) mod search;
+mod ternary;
 
 /// Quantizes one row; `dst` has exactly the row's byte size; `imatrix`, when given, has one weight
 /// per element of the row.
@@ -28,6 +37,17 @@ pub struct Kernel {
 }
 
 impl Kernel {
+    /// A kernel that ignores importance matrices.
+    pub(crate) const fn plain(ty: GgmlType, quantize_row: QuantizeRowFn, dequantize: DequantizeFn) -> Kernel {
+        Kernel {
+            ty,
+            quantize_row,
+            dequantize,
+            requires_imatrix: false,
+            uses_imatrix: false,
+        }
+    }
+
     /// Elements per block.
     pub fn block_size(&self) -> usize {
         self.ty.block_size().unwrap_or(1) as usize
@@ -52,113 +72,39 @@ impl Kernel {
     }
 }
 
-/// Every kernel, in ggml id order.
-pub static KERNELS: &[Kernel] = &[
-    Kernel {
-        ty: GgmlType::F32,
-        quantize_row: quantize_f32,
-        dequantize: dequantize_f32,
-        requires_imatrix: false,
-        uses_imatrix: false,
-    },
-    Kernel {
-        ty: GgmlType::F16,
-        quantize_row: quantize_f16,
-        dequantize: dequantize_f16,
-        requires_imatrix: false,
-        uses_imatrix: false,
-    },
-    Kernel {
-        ty: GgmlType::Q8_0,
-        quantize_row: quantize_q8_0,
-        dequantize: dequantize_q8_0,
-        requires_imatrix: false,
-        uses_imatrix: false,
-    },
-    Kernel {
-        ty: GgmlType::BF16,
-        quantize_row: quantize_bf16,
-        dequantize: dequantize_bf16,
-        requires_imatrix: false,
-        uses_imatrix: false,
-    },
+/// The kernel families; each lists the kernels it implements.
+const FAMILIES: &[&[Kernel]] = &[
+    plain::KERNELS,
+    q8_0::KERNELS,
+    legacy::KERNELS,
+    kquants::KERNELS,
+    iq4::KERNELS,
+    ternary::KERNELS,
+    mxfp4::KERNELS,
+    iq2::KERNELS,
+    iq3::KERNELS,
 ];
+
+/// Every kernel kiln has.
+pub fn kernels() -> impl Iterator<Item = &'static Kernel> {
+    FAMILIES.iter().flat_map(|f| f.iter())
+}
 
 /// The kernel for `ty`, if kiln has one.
 pub fn kernel(ty: GgmlType) -> Option<&'static Kernel> {
-    KERNELS.iter().find(|k| k.ty == ty)
-}
-
-fn quantize_f32(src: &[f32], dst: &mut [u8], _imatrix: Option<&[f32]>) {
-    for (x, out) in src.iter().zip(dst.chunks_exact_mut(4)) {
-        out.copy_from_slice(&x.to_le_bytes());
-    }
-}
-
-fn dequantize_f32(src: &[u8], dst: &mut [f32]) {
-    for (b, out) in src.chunks_exact(4).zip(dst.iter_mut()) {
-        *out = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    }
-}
-
-fn quantize_f16(src: &[f32], dst: &mut [u8], _imatrix: Option<&[f32]>) {
-    for (x, out) in src.iter().zip(dst.chunks_exact_mut(2)) {
-        out.copy_from_slice(&f32_to_f16_bits(*x).to_le_bytes());
-    }
-}
-
-fn dequantize_f16(src: &[u8], dst: &mut [f32]) {
-    for (b, out) in src.chunks_exact(2).zip(dst.iter_mut()) {
-        *out = f16_bits_to_f32(u16::from_le_bytes([b[0], b[1]]));
-    }
-}
-
-fn quantize_bf16(src: &[f32], dst: &mut [u8], _imatrix: Option<&[f32]>) {
-    for (x, out) in src.iter().zip(dst.chunks_exact_mut(2)) {
-        out.copy_from_slice(&f32_to_bf16_bits(*x).to_le_bytes());
-    }
-}
-
-fn dequantize_bf16(src: &[u8], dst: &mut [f32]) {
-    for (b, out) in src.chunks_exact(2).zip(dst.iter_mut()) {
-        *out = bf16_bits_to_f32(u16::from_le_bytes([b[0], b[1]]));
-    }
-}
-
-/// `quantize_row_q8_0_ref`: d = max|x| / 127, q = roundf(x / d). The importance matrix is ignored,
-/// as in ggml.
-fn quantize_q8_0(src: &[f32], dst: &mut [u8], _imatrix: Option<&[f32]>) {
-    let blocks: &mut [BlockQ8_0] = bytemuck::cast_slice_mut(dst);
-    for (x, block) in src.chunks_exact(BlockQ8_0::ELEMENTS).zip(blocks) {
-        let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        block.d = f32_to_f16_bits(d).to_le_bytes();
-        for (q, v) in block.qs.iter_mut().zip(x) {
-            *q = (v * id).round() as i8;
-        }
-    }
-}
-
-fn dequantize_q8_0(src: &[u8], dst: &mut [f32]) {
-    let blocks: &[BlockQ8_0] = bytemuck::cast_slice(src);
-    for (block, out) in blocks.iter().zip(dst.chunks_exact_mut(BlockQ8_0::ELEMENTS)) {
-        let d = f16_bits_to_f32(u16::from_le_bytes(block.d));
-        for (o, q) in out.iter_mut().zip(block.qs) {
-            *o = f32::from(q) * d;
-        }
-    }
+    kernels().find(|k| k.ty == ty)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scalar::{f16_bits_to_f32, f32_to_f16_bits};
     use crate::{dequantize_rows, quantize_rows};
     use proptest::prelude::*;
 
     #[test]
     fn table_is_consistent() {
-        for k in KERNELS {
+        for k in kernels() {
             let info = k.ty.info().expect("kernel type in the type table");
             assert_eq!(k.block_size(), info.block_size as usize);
             assert_eq!(k.type_size(), info.type_size as usize);
