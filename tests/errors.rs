@@ -19,6 +19,7 @@ fn q8_recipe(input: &Path, output: &Path) -> Recipe {
     Recipe::plain(TypeChoice::Type(GgmlType::Q8_0)).with_overrides(&Overrides {
         input: Some(input.to_path_buf()),
         output: Some(output.to_path_buf()),
+        ..Overrides::default()
     })
 }
 

@@ -49,9 +49,13 @@ enum Command {
         input: PathBuf,
         /// GGUF file to write.
         output: PathBuf,
-        /// Output type: F32, F16, BF16, Q8_0 (case-insensitive), or `keep`.
+        /// Output type: a ggml type (F16, BF16, Q8_0, Q4_K, ...), a llama.cpp preset (Q4_K_M,
+        /// IQ2_XS, ...; the recipe in recipes/presets/), or `keep`. Case-insensitive.
         #[arg(long = "type", short = 't', default_value = "keep")]
         ty: String,
+        /// Importance matrix (llama.cpp GGUF or legacy .dat).
+        #[arg(long)]
+        imatrix: Option<PathBuf>,
         /// `general.name` of the output.
         #[arg(long)]
         name: Option<String>,
@@ -73,12 +77,15 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct IoOverrides {
-    /// Checkpoint to read (overrides the recipe's [input] path).
+    /// Checkpoint to read (overrides the recipe's input path).
     #[arg(long)]
     input: Option<PathBuf>,
-    /// Artifact to write (overrides the recipe's [output] path).
+    /// Artifact to write (overrides the recipe's output path).
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Importance matrix, llama.cpp GGUF or legacy .dat (overrides the recipe's quantize.imatrix).
+    #[arg(long)]
+    imatrix: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -108,12 +115,20 @@ fn main() -> ExitCode {
 /// Exit codes: 2 recipe or usage, 3 input, 4 output, 1 anything else.
 fn exit_code(e: &PipelineError) -> u8 {
     match e {
-        PipelineError::Recipe(_) | PipelineError::NoInput | PipelineError::NoOutput => 2,
+        PipelineError::Recipe(_)
+        | PipelineError::NoInput
+        | PipelineError::NoOutput
+        | PipelineError::ImatrixRequired { .. }
+        | PipelineError::RequantizeNotAllowed { .. } => 2,
         PipelineError::Read(_)
         | PipelineError::Arch { .. }
         | PipelineError::UnmappedTensors { .. }
         | PipelineError::UnsupportedDtype { .. }
         | PipelineError::BadShape { .. }
+        | PipelineError::UnsupportedType { .. }
+        | PipelineError::Imatrix { .. }
+        | PipelineError::ImatrixFilter { .. }
+        | PipelineError::ImatrixShape { .. }
         | PipelineError::UnknownFormat(_) => 3,
         PipelineError::Write { .. } | PipelineError::OutputIsInput(_) => 4,
         _ => 1,
@@ -143,16 +158,23 @@ fn run(cli: Cli) -> Result<(), PipelineError> {
             input,
             output,
             ty,
+            imatrix,
             name,
             run,
         } => {
-            let choice = TypeChoice::parse(&ty).ok_or_else(|| RecipeError::UnknownType {
-                context: "--type".into(),
-                name: ty.clone(),
-            })?;
-            let mut recipe = Recipe::plain(choice).with_overrides(&Overrides {
+            let base = match kiln_recipe::presets::get(&ty) {
+                Some(preset) => preset?,
+                None => Recipe::plain(TypeChoice::parse(&ty).ok_or_else(|| {
+                    RecipeError::UnknownType {
+                        context: "--type".into(),
+                        name: ty.clone(),
+                    }
+                })?),
+            };
+            let mut recipe = base.with_overrides(&Overrides {
                 input: Some(input),
                 output: Some(output),
+                imatrix,
             });
             if let Some(name) = name {
                 recipe.metadata.strings.push(("general.name".into(), name));
@@ -171,6 +193,7 @@ fn overrides(io: IoOverrides) -> Overrides {
     Overrides {
         input: io.input,
         output: io.output,
+        imatrix: io.imatrix,
     }
 }
 

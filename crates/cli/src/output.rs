@@ -181,6 +181,59 @@ pub(crate) fn report(report: &Report, as_json: bool, quiet: bool) {
         report.threads,
         report.parameters as f64 / report.seconds.max(1e-9) / 1e6
     );
+    // Per output type: how much of the model it holds and how far it is from the source.
+    #[derive(Default)]
+    struct TypeSummary {
+        tensors: usize,
+        parameters: u64,
+        bytes: u64,
+        squared: f64,
+        weighted: Option<(f64, f64)>,
+    }
+    let mut by_type: std::collections::BTreeMap<&str, TypeSummary> = Default::default();
+    for t in &report.tensors {
+        let n: u64 = t.shape.iter().product();
+        let e = by_type.entry(t.ty.as_str()).or_default();
+        e.tensors += 1;
+        e.parameters += n;
+        e.bytes += t.bytes;
+        e.squared += t.rmse * t.rmse * n as f64;
+        if let Some(w) = t.weighted_rmse {
+            let acc = e.weighted.get_or_insert((0.0, 0.0));
+            acc.0 += w * w * n as f64;
+            acc.1 += n as f64;
+        }
+    }
+    outln!(
+        o,
+        "{:8} {:>8} {:>14} {:>7} {:>12} {:>14}",
+        "type",
+        "tensors",
+        "parameters",
+        "bpw",
+        "rmse",
+        "weighted rmse"
+    );
+    for (ty, e) in by_type {
+        let weighted = e
+            .weighted
+            .map(|(w, m)| format!("{:.3e}", (w / m.max(1.0)).sqrt()))
+            .unwrap_or_else(|| "-".into());
+        outln!(
+            o,
+            "{ty:8} {:>8} {:>14} {:>7.3} {:>12.3e} {weighted:>14}",
+            e.tensors,
+            e.parameters,
+            e.bytes as f64 * 8.0 / e.parameters.max(1) as f64,
+            (e.squared / e.parameters.max(1) as f64).sqrt()
+        );
+    }
+    outln!(
+        o,
+        "overall rmse {:.3e} ({:.3} bpw); per-tensor figures: --json",
+        report.rmse,
+        report.bpw
+    );
     emit(&o);
 }
 

@@ -354,6 +354,7 @@ fn child(input: &Path, output: &Path, threads: usize) -> Result<(), Error> {
     let recipe = Recipe::plain(TypeChoice::Type(GgmlType::Q8_0)).with_overrides(&Overrides {
         input: Some(input.to_path_buf()),
         output: Some(output.to_path_buf()),
+        ..Overrides::default()
     });
     let options = BuildOptions {
         threads: Some(threads),

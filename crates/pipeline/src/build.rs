@@ -47,6 +47,28 @@ impl Default for BuildOptions {
     }
 }
 
+/// Quantization error of a chunk, accumulated into a tensor's.
+#[derive(Debug, Clone, Copy, Default)]
+struct ErrorSums {
+    /// Σ (x − q)².
+    squared: f64,
+    /// Σ w·(x − q)², with importance weights w.
+    weighted: f64,
+    /// Σ w.
+    weights: f64,
+    /// Elements measured.
+    count: u64,
+}
+
+impl ErrorSums {
+    fn add(&mut self, other: &ErrorSums) {
+        self.squared += other.squared;
+        self.weighted += other.weighted;
+        self.weights += other.weights;
+        self.count += other.count;
+    }
+}
+
 /// One written tensor.
 #[derive(Debug, Clone, Serialize)]
 pub struct TensorReport {
@@ -69,6 +91,13 @@ pub struct TensorReport {
     pub bpw: f64,
     /// xxh3-64 of the tensor bytes, hex.
     pub xxh3: String,
+    /// Root-mean-square error of the stored values against the source values (0 for exact
+    /// conversions).
+    pub rmse: f64,
+    /// Importance-weighted RMSE (`sqrt(Σ w·d² / Σ w)`, w the imatrix weight of each column),
+    /// when an importance matrix applied to this tensor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weighted_rmse: Option<f64>,
 }
 
 /// The outcome of a build.
@@ -86,6 +115,8 @@ pub struct Report {
     pub parameters: u64,
     /// Bits per weight over all tensors.
     pub bpw: f64,
+    /// RMSE over all elements of all tensors.
+    pub rmse: f64,
     /// Worker threads used.
     pub threads: usize,
     /// Wall time.
@@ -130,9 +161,10 @@ pub fn build(
     let source_bytes: u64 = plan
         .tensors
         .iter()
-        .map(|t| plan.checkpoint.tensors()[t.entry].byte_len() as u64)
+        .map(|t| plan.source.data(t.entry).len() as u64)
         .sum();
     progress.begin(plan.tensors.len(), source_bytes);
+    let mut errors: Vec<ErrorSums> = Vec::with_capacity(plan.tensors.len());
     let result = (|| -> Result<kiln_writer::WrittenFile, PipelineError> {
         if let Some(dir) = plan.output.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
@@ -147,7 +179,7 @@ pub fn build(
         let mut writer = GgufWriter::new(out, layout).map_err(write_err)?;
         for (index, tensor) in plan.tensors.iter().enumerate() {
             progress.tensor(index, &tensor.name);
-            write_tensor(
+            let tensor_errors = write_tensor(
                 plan,
                 tensor,
                 index,
@@ -157,6 +189,7 @@ pub fn build(
                 options,
                 progress,
             )?;
+            errors.push(tensor_errors);
         }
         let (out, written) = writer.finish().map_err(write_err)?;
         out.into_inner()
@@ -169,11 +202,14 @@ pub fn build(
     progress.finish();
     let written = result?;
 
+    let mut total = ErrorSums::default();
+    errors.iter().for_each(|e| total.add(e));
     let tensors = plan
         .tensors
         .iter()
         .zip(&written.tensors)
-        .map(|(t, w)| TensorReport {
+        .zip(&errors)
+        .map(|((t, w), e)| TensorReport {
             name: t.name.clone(),
             source: t.source_name.clone(),
             ty: t.ty.to_string(),
@@ -183,6 +219,8 @@ pub fn build(
             bytes: w.nbytes,
             bpw: w.nbytes as f64 * 8.0 / t.elements().max(1) as f64,
             xxh3: w.xxh3.to_string(),
+            rmse: (e.squared / e.count.max(1) as f64).sqrt(),
+            weighted_rmse: (e.weights > 0.0).then(|| (e.weighted / e.weights).sqrt()),
         })
         .collect();
     let parameters = plan.parameters();
@@ -193,6 +231,7 @@ pub fn build(
         file_type: plan.file_type.name.to_string(),
         parameters,
         bpw: plan.tensor_bytes() as f64 * 8.0 / parameters.max(1) as f64,
+        rmse: (total.squared / parameters.max(1) as f64).sqrt(),
         threads,
         seconds: started.elapsed().as_secs_f64(),
         tensors,
@@ -209,13 +248,11 @@ fn write_tensor<W: Write>(
     threads: usize,
     options: &BuildOptions,
     progress: &dyn Progress,
-) -> Result<(), PipelineError> {
-    let entry = &plan.checkpoint.tensors()[tensor.entry];
-    let source = plan.checkpoint.data(entry);
-    let row_len = tensor.ne[0];
+) -> Result<ErrorSums, PipelineError> {
+    let source = plan.source.data(tensor.entry);
+    let mut errors = ErrorSums::default();
     let rows: u64 = tensor.ne.iter().skip(1).product();
-    let src_elem = tensor.source_type.type_size().unwrap_or(4);
-    let src_row_bytes = row_len * src_elem;
+    let src_row_bytes = source.len() as u64 / rows.max(1);
     let rows_per_chunk = (options.chunk_bytes as u64 / src_row_bytes.max(1)).max(1);
     let chunks: Vec<(u64, u64)> = (0..rows)
         .step_by(rows_per_chunk as usize)
@@ -223,14 +260,17 @@ fn write_tensor<W: Write>(
         .collect();
     let window = (2 * threads).max(1);
     for group in chunks.chunks(window) {
-        let results: Vec<Result<Vec<u8>, PipelineError>> = pool.install(|| {
+        let results: Vec<Result<(Vec<u8>, ErrorSums), PipelineError>> = pool.install(|| {
             group
                 .par_iter()
-                .map(|&(start, end)| convert_rows(tensor, source, start, end))
+                .map(|&(start, end)| {
+                    convert_rows(tensor, source, src_row_bytes as usize, start, end)
+                })
                 .collect()
         });
         for (result, &(start, end)) in results.into_iter().zip(group) {
-            let bytes = result?;
+            let (bytes, chunk_errors) = result?;
+            errors.add(&chunk_errors);
             writer
                 .write_tensor_chunk(index, &bytes)
                 .map_err(|source| PipelineError::Write {
@@ -243,8 +283,8 @@ fn write_tensor<W: Write>(
         // keeps resident memory at the chunks in flight even for the largest tensor.
         if tensor.transform == Transform::None {
             if let (Some(first), Some(last)) = (group.first(), group.last()) {
-                plan.checkpoint.release_range(
-                    entry,
+                plan.source.release_range(
+                    tensor.entry,
                     (first.0 * src_row_bytes) as usize,
                     (last.1 * src_row_bytes) as usize,
                 );
@@ -259,25 +299,27 @@ fn write_tensor<W: Write>(
                 source,
             })?;
     }
-    plan.checkpoint.release(entry);
-    Ok(())
+    plan.source.release_range(tensor.entry, 0, source.len());
+    Ok(errors)
 }
 
 /// Produces the output bytes of output rows `start..end` of a tensor.
 fn convert_rows(
     tensor: &TensorPlan,
     source: &[u8],
+    src_row_bytes: usize,
     start: u64,
     end: u64,
-) -> Result<Vec<u8>, PipelineError> {
+) -> Result<(Vec<u8>, ErrorSums), PipelineError> {
     let row_len = tensor.ne[0] as usize;
-    let elem = tensor.source_type.type_size().unwrap_or(4) as usize;
     let (start, end) = (start as usize, end as usize);
     let gathered: Cow<'_, [u8]> = match tensor.transform {
-        Transform::None => Cow::Borrowed(&source[start * row_len * elem..end * row_len * elem]),
+        Transform::None => Cow::Borrowed(&source[start * src_row_bytes..end * src_row_bytes]),
         transform => {
             // The permutation moves HF rows: for a 2-D weight one HF row is one output row; for a
             // 1-D bias each element is a "row" and the whole tensor is a single output row.
+            // (Permuted tensors always come from F32/F16/BF16 checkpoints.)
+            let elem = tensor.source_type.type_size().unwrap_or(4) as usize;
             let (unit, units_total) = if tensor.ne.len() == 1 {
                 (1usize, row_len)
             } else {
@@ -295,26 +337,92 @@ fn convert_rows(
         }
     };
     if tensor.ty == tensor.source_type {
-        return Ok(gathered.into_owned());
+        return Ok((gathered.into_owned(), ErrorSums::default()));
     }
     let quant_err = |source| PipelineError::Quant {
         tensor: tensor.name.clone(),
         source,
     };
-    let mut values = vec![0.0f32; gathered.len() / elem];
-    kiln_quant::decode_row(tensor.source_type, &gathered, &mut values).map_err(quant_err)?;
-    let out_len = tensor
+    let mut values = vec![0.0f32; (end - start) * row_len];
+    kiln_quant::dequantize_rows(tensor.source_type, &gathered, &mut values).map_err(quant_err)?;
+    let out_row = tensor
         .ty
         .row_bytes(row_len as u64)
-        .map(|b| b as usize * (end - start))
+        .map(|b| b as usize)
         .unwrap_or(0);
-    let mut out = vec![0u8; out_len];
-    kiln_quant::quantize_rows(tensor.ty, &values, row_len, None, &mut out).map_err(quant_err)?;
-    Ok(out)
+    let mut out = vec![0u8; out_row * (end - start)];
+    match tensor.imatrix.as_deref() {
+        // Stacked experts: row r of expert e uses that expert's slice of the weights.
+        Some(w) if w.len() > row_len => {
+            let rows_per_expert = tensor.ne.get(1).copied().unwrap_or(1).max(1) as usize;
+            for (i, (src, dst)) in values
+                .chunks_exact(row_len)
+                .zip(out.chunks_exact_mut(out_row))
+                .enumerate()
+            {
+                let expert = (start + i) / rows_per_expert;
+                let slice = w.get(expert * row_len..(expert + 1) * row_len);
+                kiln_quant::quantize_rows(tensor.ty, src, row_len, slice, dst)
+                    .map_err(quant_err)?;
+            }
+        }
+        weights => {
+            kiln_quant::quantize_rows(tensor.ty, &values, row_len, weights, &mut out)
+                .map_err(quant_err)?;
+        }
+    }
+    let errors = if tensor.ty == kiln_types::GgmlType::F32 {
+        // Widening to f32 is exact.
+        ErrorSums::default()
+    } else {
+        measure(tensor, &values, &out, start).map_err(quant_err)?
+    };
+    Ok((out, errors))
+}
+
+/// Dequantizes what was just produced and compares it with the source values.
+fn measure(
+    tensor: &TensorPlan,
+    values: &[f32],
+    out: &[u8],
+    first_row: usize,
+) -> Result<ErrorSums, kiln_quant::QuantError> {
+    let row_len = tensor.ne[0] as usize;
+    let mut back = vec![0.0f32; values.len()];
+    kiln_quant::dequantize_rows(tensor.ty, out, &mut back)?;
+    let rows_per_expert = tensor.ne.get(1).copied().unwrap_or(1).max(1) as usize;
+    let mut sums = ErrorSums {
+        count: values.len() as u64,
+        ..ErrorSums::default()
+    };
+    for (r, (x, q)) in values
+        .chunks_exact(row_len)
+        .zip(back.chunks_exact(row_len))
+        .enumerate()
+    {
+        let weights = tensor.imatrix.as_deref().and_then(|w| {
+            let expert = if w.len() > row_len {
+                (first_row + r) / rows_per_expert
+            } else {
+                0
+            };
+            w.get(expert * row_len..(expert + 1) * row_len)
+        });
+        for (j, (a, b)) in x.iter().zip(q).enumerate() {
+            let d = f64::from(*a) - f64::from(*b);
+            sums.squared += d * d;
+            if let Some(w) = weights {
+                let w = f64::from(w[j]);
+                sums.weighted += w * d * d;
+                sums.weights += w;
+            }
+        }
+    }
+    Ok(sums)
 }
 
 impl TensorPlan {
-    /// Whether the tensor's bytes are copied unchanged from the checkpoint.
+    /// Whether the tensor's bytes are copied unchanged from the input.
     pub fn is_copy(&self) -> bool {
         self.ty == self.source_type && self.transform == Transform::None
     }

@@ -95,6 +95,54 @@ pub enum PipelineError {
         /// Why.
         message: String,
     },
+    /// The importance-matrix file is malformed.
+    #[error("{path}: {source}")]
+    Imatrix {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: kiln_reader::imatrix::ImatrixError,
+    },
+    /// The importance-matrix filters are invalid.
+    #[error("{path}: {source}")]
+    ImatrixFilter {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: kiln_calib::CalibError,
+    },
+    /// A tensor is already quantized and the recipe does not allow requantizing it.
+    #[error("{path}: tensor `{tensor}` is already {from}; converting it to {to} would quantize it twice (set quantize.allow-requantize = true to allow it)")]
+    RequantizeNotAllowed {
+        /// The input file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Its stored type.
+        from: GgmlType,
+        /// The requested type.
+        to: GgmlType,
+    },
+    /// A type that needs importance data has none for a tensor.
+    #[error("tensor `{tensor}`: type {ty} requires an importance matrix{}", if *have_file { " entry for this tensor, and the imatrix file has none" } else { " (give one with --imatrix or quantize.imatrix)" })]
+    ImatrixRequired {
+        /// The tensor.
+        tensor: String,
+        /// The type.
+        ty: GgmlType,
+        /// Whether an imatrix file was given at all.
+        have_file: bool,
+    },
+    /// An imatrix entry does not match the tensor's row length.
+    #[error("tensor `{tensor}`: the importance matrix has {actual} weights, the tensor needs {expected}")]
+    ImatrixShape {
+        /// The tensor.
+        tensor: String,
+        /// Weights needed.
+        expected: u64,
+        /// Weights present.
+        actual: u64,
+    },
     /// A file to inspect is neither GGUF nor safetensors.
     #[error("{0}: not a GGUF file, a safetensors file or a checkpoint folder")]
     UnknownFormat(PathBuf),

@@ -17,6 +17,8 @@
 
 mod build;
 mod error;
+mod imatrix;
+mod input;
 mod inspect;
 mod json;
 mod plan;

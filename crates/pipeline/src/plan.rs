@@ -3,11 +3,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use kiln_arch::{HParams, Mapped, MetadataInputs, ParamCounts, SideFiles, Transform};
-use kiln_reader::{Checkpoint, MmapAccess};
-use kiln_recipe::{Recipe, TensorNames, TypeChoice};
+use kiln_reader::{Checkpoint, GgufInput, MmapAccess};
+use kiln_recipe::{ModelFacts, Recipe, TensorNames, TypeChoice};
 use kiln_types::{FileType, GgmlType, MetaArray, MetaValue};
 
+use crate::imatrix::LoadedImatrix;
+use crate::input::Input;
 use crate::PipelineError;
 
 /// Why a tensor gets its type.
@@ -22,7 +26,9 @@ pub enum Decision {
     },
     /// No rule matched; the recipe default applies.
     Default,
-    /// The model family requires F32 here, overriding the recipe's choice.
+    /// llama.cpp never quantizes this tensor (norms, biases, routers...): it is stored as F32
+    /// (from a checkpoint) or kept in its stored type (from a GGUF input), whatever the recipe
+    /// asked.
     Pinned {
         /// Why.
         reason: &'static str,
@@ -43,7 +49,7 @@ impl std::fmt::Display for Decision {
         match self {
             Decision::Rule { label, .. } => f.write_str(label),
             Decision::Default => f.write_str("default"),
-            Decision::Pinned { reason, .. } => write!(f, "pinned F32 ({reason})"),
+            Decision::Pinned { reason, .. } => write!(f, "pinned ({reason})"),
             Decision::Fallback { wanted, reason } => write!(f, "fallback from {wanted} ({reason})"),
         }
     }
@@ -52,13 +58,13 @@ impl std::fmt::Display for Decision {
 /// What happens to one tensor.
 #[derive(Debug, Clone)]
 pub struct TensorPlan {
-    /// Name in the checkpoint.
+    /// Name in the input.
     pub source_name: String,
     /// Name in the output.
     pub name: String,
     /// Layer, if any.
     pub layer: Option<u32>,
-    /// Source element type (F32, F16 or BF16).
+    /// Source element type.
     pub source_type: GgmlType,
     /// Output dimensions, fastest first.
     pub ne: Vec<u64>,
@@ -70,6 +76,8 @@ pub struct TensorPlan {
     pub nbytes: u64,
     /// Row transform on the way.
     pub transform: Transform,
+    /// Importance weights (one per column, or per column and expert), when used.
+    pub imatrix: Option<Arc<[f32]>>,
     pub(crate) entry: usize,
 }
 
@@ -83,7 +91,7 @@ impl TensorPlan {
 /// A fully decided build.
 #[derive(Debug)]
 pub struct BuildPlan {
-    /// The checkpoint.
+    /// The input (checkpoint folder, safetensors file or GGUF file).
     pub input: PathBuf,
     /// The artifact.
     pub output: PathBuf,
@@ -97,7 +105,7 @@ pub struct BuildPlan {
     pub metadata: Vec<(String, MetaValue)>,
     /// GGUF alignment.
     pub alignment: u64,
-    pub(crate) checkpoint: Checkpoint,
+    pub(crate) source: Input,
 }
 
 impl BuildPlan {
@@ -112,24 +120,214 @@ impl BuildPlan {
     }
 }
 
+/// A tensor before the recipe decided its type.
+struct Candidate {
+    entry: usize,
+    source_name: String,
+    name: String,
+    layer: Option<u32>,
+    source_type: GgmlType,
+    ne: Vec<u64>,
+    transform: Transform,
+    pin: Option<&'static str>,
+}
+
 /// Decides everything about a build without writing anything.
 pub fn plan(recipe: &Recipe, access: &MmapAccess) -> Result<BuildPlan, PipelineError> {
-    let input = recipe.input.clone().ok_or(PipelineError::NoInput)?;
+    let input_path = recipe.input.clone().ok_or(PipelineError::NoInput)?;
     let output = recipe.output.clone().ok_or(PipelineError::NoOutput)?;
-    let checkpoint = Checkpoint::open(access, &input)?;
-    let arch_err = |source| PipelineError::Arch {
-        path: checkpoint.folder().to_path_buf(),
-        source,
+    let imatrix = match &recipe.imatrix {
+        Some(path) => Some(LoadedImatrix::load(
+            access,
+            path,
+            &recipe.imatrix_include,
+            &recipe.imatrix_exclude,
+        )?),
+        None => None,
+    };
+    let planned = if is_gguf(&input_path) {
+        plan_gguf(recipe, access, &input_path, imatrix.as_ref())?
+    } else {
+        plan_checkpoint(recipe, access, &input_path, imatrix.as_ref())?
     };
     if let Ok(out) = output.canonicalize() {
-        if checkpoint
-            .shard_paths()
+        if planned
+            .source
+            .files()
+            .iter()
             .any(|p| p.canonicalize().ok().as_deref() == Some(out.as_path()))
         {
             return Err(PipelineError::OutputIsInput(output));
         }
     }
+    Ok(BuildPlan {
+        input: input_path,
+        output,
+        ..planned
+    })
+}
 
+fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    path.is_file()
+        && std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
+        && &magic == b"GGUF"
+}
+
+/// Turns candidates into tensor plans: recipe rules, pins, requantization policy, kernel
+/// availability, shape fallbacks and importance weights.
+fn decide(
+    recipe: &Recipe,
+    source: &Input,
+    candidates: Vec<Candidate>,
+    model: &ModelFacts,
+    imatrix: Option<&LoadedImatrix>,
+    keep_pinned_type: bool,
+) -> Result<Vec<TensorPlan>, PipelineError> {
+    let names: Vec<TensorNames<'_>> = candidates
+        .iter()
+        .map(|c| TensorNames {
+            hf: &c.source_name,
+            gguf: &c.name,
+            layer: c.layer,
+            ne: &c.ne,
+        })
+        .collect();
+    let assignments = recipe.assign(&names, model);
+    let mut plans = Vec::with_capacity(candidates.len());
+    for (c, a) in candidates.into_iter().zip(assignments) {
+        let path = || source.tensor_path(c.entry).to_path_buf();
+        let mut decision = match a.rule {
+            Some(i) => Decision::Rule {
+                index: i,
+                label: recipe.rules[i].label.clone(),
+            },
+            None => Decision::Default,
+        };
+        let mut ty = match a.choice {
+            TypeChoice::Type(t) => t,
+            TypeChoice::Keep | TypeChoice::Default => c.source_type,
+        };
+        if let Some(reason) = c.pin {
+            let pinned = if keep_pinned_type {
+                c.source_type
+            } else {
+                GgmlType::F32
+            };
+            if ty != pinned {
+                decision = Decision::Pinned {
+                    reason,
+                    wanted: a.choice,
+                };
+            }
+            ty = pinned;
+        }
+        if ty != c.source_type && c.source_type.is_block_quantized() && !recipe.allow_requantize {
+            return Err(PipelineError::RequantizeNotAllowed {
+                path: path(),
+                tensor: c.name,
+                from: c.source_type,
+                to: ty,
+            });
+        }
+        if ty != c.source_type && kiln_quant::kernel(c.source_type).is_none() {
+            return Err(PipelineError::UnsupportedType {
+                tensor: c.name,
+                ty: c.source_type,
+            });
+        }
+        if ty.row_bytes(c.ne[0]).is_none() {
+            if !a.fallback {
+                return Err(PipelineError::BadShape {
+                    path: path(),
+                    tensor: c.name.clone(),
+                    problem: format!(
+                        "rows of {} do not fit {ty} blocks of {}, and the rule disables fallbacks",
+                        c.ne[0],
+                        ty.block_size().unwrap_or(1)
+                    ),
+                });
+            }
+            let wanted = ty;
+            // One step through the recipe's table, then F16, as llama.cpp does.
+            ty = recipe
+                .fallback_for(ty)
+                .filter(|f| f.row_bytes(c.ne[0]).is_some())
+                .unwrap_or(GgmlType::F16);
+            decision = Decision::Fallback {
+                wanted,
+                reason: format!(
+                    "rows of {} are not a multiple of the block size {}",
+                    c.ne[0],
+                    wanted.block_size().unwrap_or(1)
+                ),
+            };
+        }
+        let Some(kernel) = kiln_quant::kernel(ty) else {
+            return Err(PipelineError::UnsupportedType { tensor: c.name, ty });
+        };
+        let weights = match imatrix {
+            Some(m) if a.use_imatrix && ty != c.source_type => m.weights(&c.name, &c.source_name),
+            _ => None,
+        };
+        if let Some(w) = &weights {
+            let expected = c.ne[0] * c.ne.get(2).copied().unwrap_or(1);
+            if w.len() as u64 != expected && w.len() as u64 != c.ne[0] {
+                return Err(PipelineError::ImatrixShape {
+                    tensor: c.name,
+                    expected,
+                    actual: w.len() as u64,
+                });
+            }
+        }
+        let needs =
+            kernel.requires_imatrix || (a.imatrix_required && recipe.require_imatrix.contains(&ty));
+        if needs && weights.is_none() && ty != c.source_type {
+            return Err(PipelineError::ImatrixRequired {
+                tensor: c.name,
+                ty,
+                have_file: imatrix.is_some(),
+            });
+        }
+        let nbytes = ty
+            .tensor_bytes(&c.ne)
+            .ok_or_else(|| PipelineError::BadShape {
+                path: path(),
+                tensor: c.name.clone(),
+                problem: "size overflows".into(),
+            })?;
+        plans.push(TensorPlan {
+            source_name: c.source_name,
+            name: c.name,
+            layer: c.layer,
+            source_type: c.source_type,
+            ne: c.ne,
+            ty,
+            decision,
+            nbytes,
+            transform: c.transform,
+            // Kept even for kernels that ignore it: the report weighs errors with it.
+            imatrix: weights.map(Arc::from),
+            entry: c.entry,
+        });
+    }
+    Ok(plans)
+}
+
+fn plan_checkpoint(
+    recipe: &Recipe,
+    access: &MmapAccess,
+    input: &Path,
+    imatrix: Option<&LoadedImatrix>,
+) -> Result<BuildPlan, PipelineError> {
+    let checkpoint = Checkpoint::open(access, input)?;
+    let arch_err = |source| PipelineError::Arch {
+        path: checkpoint.folder().to_path_buf(),
+        source,
+    };
     let mut files = SideFiles::new();
     for name in kiln_arch::SIDE_FILE_NAMES {
         if let Some(bytes) = checkpoint.read_side_file(name)? {
@@ -143,7 +341,7 @@ pub fn plan(recipe: &Recipe, access: &MmapAccess) -> Result<BuildPlan, PipelineE
     let hp = HParams::from_config(&config).map_err(arch_err)?;
     let family = kiln_arch::detect(&hp).map_err(arch_err)?;
 
-    let mut tensors = Vec::new();
+    let mut candidates = Vec::new();
     let mut unmapped = Vec::new();
     for (index, entry) in checkpoint.tensors().iter().enumerate() {
         let mapping = match family
@@ -181,68 +379,15 @@ pub fn plan(recipe: &Recipe, access: &MmapAccess) -> Result<BuildPlan, PipelineE
                 problem: "row permutation of a tensor with more than 2 dimensions".into(),
             });
         }
-        let names = TensorNames {
-            hf: &entry.name,
-            gguf: &mapping.gguf_name,
-            layer: mapping.layer,
-        };
-        let (rule, choice) = recipe.choose(&names);
-        let mut decision = match rule {
-            Some(i) => Decision::Rule {
-                index: i,
-                label: recipe.rules[i].label.clone(),
-            },
-            None => Decision::Default,
-        };
-        let mut ty = match choice {
-            TypeChoice::Type(t) => t,
-            TypeChoice::Keep => source_type,
-        };
-        if let Some(reason) = mapping.pin_f32 {
-            if ty != GgmlType::F32 {
-                decision = Decision::Pinned {
-                    reason,
-                    wanted: choice,
-                };
-            }
-            ty = GgmlType::F32;
-        }
-        if kiln_quant::kernel(ty).is_none() {
-            return Err(PipelineError::UnsupportedType {
-                tensor: mapping.gguf_name,
-                ty,
-            });
-        }
-        if ty.row_bytes(ne[0]).is_none() {
-            // llama.cpp's converter stores such tensors as F16 (`QuantError` fallback).
-            decision = Decision::Fallback {
-                wanted: ty,
-                reason: format!(
-                    "row of {} is not a multiple of the block size {}",
-                    ne[0],
-                    ty.block_size().unwrap_or(1)
-                ),
-            };
-            ty = GgmlType::F16;
-        }
-        let nbytes = ty
-            .tensor_bytes(&ne)
-            .ok_or_else(|| PipelineError::BadShape {
-                path: checkpoint.tensor_path(entry).to_path_buf(),
-                tensor: entry.name.clone(),
-                problem: "size overflows".into(),
-            })?;
-        tensors.push(TensorPlan {
+        candidates.push(Candidate {
+            entry: index,
             source_name: entry.name.clone(),
             name: mapping.gguf_name,
             layer: mapping.layer,
             source_type,
             ne,
-            ty,
-            decision,
-            nbytes,
             transform: mapping.transform,
-            entry: index,
+            pin: mapping.pin_f32,
         });
     }
     if !unmapped.is_empty() {
@@ -252,12 +397,41 @@ pub fn plan(recipe: &Recipe, access: &MmapAccess) -> Result<BuildPlan, PipelineE
             names: unmapped,
         });
     }
+    let n_head = hp
+        .find_u32(&["num_attention_heads"])
+        .map_err(arch_err)?
+        .unwrap_or(1);
+    let n_head_kv = hp
+        .find_u32(&["num_key_value_heads"])
+        .map_err(arch_err)?
+        .unwrap_or(n_head);
+    let model = ModelFacts {
+        block_count: hp
+            .find_u32(&["n_layers", "num_hidden_layers", "n_layer", "num_layers"])
+            .map_err(arch_err)?
+            .unwrap_or(0),
+        gqa: n_head.checked_div(n_head_kv).unwrap_or(1),
+        experts: hp
+            .find_u32(&["num_local_experts", "num_experts"])
+            .map_err(arch_err)?
+            .unwrap_or(0),
+        tied_embeddings: !candidates.iter().any(|c| c.name == "output.weight"),
+        imatrix: imatrix.is_some(),
+    };
+    let source = Input::Hf(checkpoint);
+    let tensors = decide(recipe, &source, candidates, &model, imatrix, false)?;
+    let Input::Hf(checkpoint) = &source else {
+        unreachable!("constructed as a checkpoint above")
+    };
+    let arch_err = |source| PipelineError::Arch {
+        path: checkpoint.folder().to_path_buf(),
+        source,
+    };
 
     let file_type = match recipe.file_type {
         Some(f) => f,
         None => infer_file_type(recipe, &tensors),
     };
-
     let mut general: Vec<(String, MetaValue)> = recipe
         .metadata
         .strings
@@ -290,21 +464,188 @@ pub fn plan(recipe: &Recipe, access: &MmapAccess) -> Result<BuildPlan, PipelineE
         },
     )
     .map_err(arch_err)?;
-    for (k, v) in &recipe.metadata.extra {
-        metadata.retain(|(key, _)| key != k);
-        metadata.push((k.clone(), v.clone()));
+    if let Some(m) = imatrix {
+        metadata.extend(m.metadata_keys());
     }
-
+    apply_extra(recipe, &mut metadata);
     Ok(BuildPlan {
-        input,
-        output,
+        input: PathBuf::new(),
+        output: PathBuf::new(),
         arch: family.gguf_arch.to_string(),
         file_type,
         tensors,
         metadata,
         alignment: recipe.alignment,
-        checkpoint,
+        source,
     })
+}
+
+/// llama-quantize's `tensor_allows_quantization`, for GGUF inputs: tensors it never converts.
+fn gguf_pin(name: &str, ne: &[u64]) -> Option<&'static str> {
+    const NEVER: &[&str] = &[
+        "ffn_gate_inp.weight",
+        "ffn_gate_tid2eid.weight",
+        "altup",
+        "laurel",
+        "per_layer_model_proj",
+        "ssm_conv1d",
+        "shortconv.conv.weight",
+        "indexer.k_proj.weight",
+        "indexer.q_proj.weight",
+        "attn_rel_b.weight",
+        "time_mix_first.weight",
+        "time_mix_w0.weight",
+        "time_mix_w1.weight",
+        "time_mix_w2.weight",
+        "time_mix_v0.weight",
+        "time_mix_v1.weight",
+        "time_mix_v2.weight",
+        "time_mix_a0.weight",
+        "time_mix_a1.weight",
+        "time_mix_a2.weight",
+        "time_mix_g1.weight",
+        "time_mix_g2.weight",
+        "time_mix_decay_w1.weight",
+        "time_mix_decay_w2.weight",
+        "time_mix_lerp_fused.weight",
+    ];
+    // ggml_n_dims: trailing dimensions of 1 do not count.
+    let n_dims = ne.iter().rposition(|&d| d != 1).map_or(1, |i| i + 1);
+    if n_dims < 2 {
+        return Some("1-D tensor");
+    }
+    if !name.ends_with("weight") {
+        return Some("not a weight");
+    }
+    if name.contains("_norm.weight") {
+        return Some("norm weight");
+    }
+    if name == "position_embd.weight" || name == "token_types.weight" {
+        return Some("kept by llama.cpp");
+    }
+    NEVER
+        .iter()
+        .any(|n| name.contains(n))
+        .then_some("kept by llama.cpp")
+}
+
+fn plan_gguf(
+    recipe: &Recipe,
+    access: &MmapAccess,
+    input: &Path,
+    imatrix: Option<&LoadedImatrix>,
+) -> Result<BuildPlan, PipelineError> {
+    let gguf = GgufInput::open(access, input)?;
+    let arch = gguf
+        .get("general.architecture")
+        .and_then(MetaValue::as_str)
+        .unwrap_or("unknown")
+        .to_string();
+    let key_u32 = |k: &str| {
+        gguf.get(&format!("{arch}.{k}"))
+            .and_then(MetaValue::as_u64)
+            .map(|v| v as u32)
+    };
+    let mut candidates = Vec::new();
+    for (index, t) in gguf.tensors().iter().enumerate() {
+        if t.nbytes.is_none() {
+            return Err(PipelineError::UnsupportedType {
+                tensor: t.name.clone(),
+                ty: t.ty,
+            });
+        }
+        let layer = t
+            .name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|n| n.parse().ok());
+        candidates.push(Candidate {
+            entry: index,
+            source_name: t.name.clone(),
+            name: t.name.clone(),
+            layer,
+            source_type: t.ty,
+            ne: t.ne.clone(),
+            transform: Transform::None,
+            pin: gguf_pin(&t.name, &t.ne),
+        });
+    }
+    // llama-quantize writes tensors sorted by block number (none first), then by name.
+    candidates.sort_by(|a, b| {
+        (a.layer.map_or(-1, i64::from), &a.name).cmp(&(b.layer.map_or(-1, i64::from), &b.name))
+    });
+    let n_head = key_u32("attention.head_count").unwrap_or(1);
+    let model = ModelFacts {
+        block_count: key_u32("block_count").unwrap_or(0),
+        gqa: n_head
+            .checked_div(key_u32("attention.head_count_kv").unwrap_or(n_head))
+            .unwrap_or(1),
+        experts: key_u32("expert_count").unwrap_or(0),
+        tied_embeddings: !candidates.iter().any(|c| c.name == "output.weight"),
+        imatrix: imatrix.is_some(),
+    };
+    let source = Input::Gguf(gguf);
+    let tensors = decide(recipe, &source, candidates, &model, imatrix, true)?;
+    let Input::Gguf(gguf) = &source else {
+        unreachable!("constructed as a GGUF input above")
+    };
+    let file_type = match recipe.file_type {
+        Some(f) => f,
+        None => infer_file_type(recipe, &tensors),
+    };
+    // llama-quantize: copy every key in order, drop split keys, then re-set the quantization
+    // version and file type (which moves them to the end).
+    let mut metadata: Vec<(String, MetaValue)> = gguf
+        .metadata()
+        .iter()
+        .filter(|(k, _)| {
+            !k.starts_with("split.")
+                && k != "general.alignment"
+                && k != "general.quantization_version"
+                && k != "general.file_type"
+        })
+        .cloned()
+        .collect();
+    for (k, v) in &recipe.metadata.strings {
+        set_in_place(&mut metadata, k, MetaValue::String(v.clone()));
+    }
+    for (k, v) in &recipe.metadata.string_arrays {
+        set_in_place(
+            &mut metadata,
+            k,
+            MetaValue::Array(MetaArray::String(v.clone())),
+        );
+    }
+    metadata.push(("general.quantization_version".into(), MetaValue::U32(2)));
+    metadata.push(("general.file_type".into(), MetaValue::U32(file_type.id)));
+    if let Some(m) = imatrix {
+        metadata.extend(m.metadata_keys());
+    }
+    apply_extra(recipe, &mut metadata);
+    Ok(BuildPlan {
+        input: PathBuf::new(),
+        output: PathBuf::new(),
+        arch,
+        file_type,
+        tensors,
+        metadata,
+        alignment: recipe.alignment,
+        source,
+    })
+}
+
+fn set_in_place(metadata: &mut Vec<(String, MetaValue)>, key: &str, value: MetaValue) {
+    match metadata.iter_mut().find(|(k, _)| k == key) {
+        Some(entry) => entry.1 = value,
+        None => metadata.push((key.to_string(), value)),
+    }
+}
+
+fn apply_extra(recipe: &Recipe, metadata: &mut Vec<(String, MetaValue)>) {
+    for (k, v) in &recipe.metadata.extra {
+        metadata.retain(|(key, _)| key != k);
+        metadata.push((k.clone(), v.clone()));
+    }
 }
 
 /// `general.file_type` when the recipe does not set it: the file type of the default type, or
@@ -312,7 +653,7 @@ pub fn plan(recipe: &Recipe, access: &MmapAccess) -> Result<BuildPlan, PipelineE
 fn infer_file_type(recipe: &Recipe, tensors: &[TensorPlan]) -> FileType {
     let from_default = match recipe.default {
         TypeChoice::Type(t) => FileType::for_single_type(t),
-        TypeChoice::Keep => None,
+        _ => None,
     };
     from_default.unwrap_or_else(|| {
         let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
@@ -327,11 +668,4 @@ fn infer_file_type(recipe: &Recipe, tensors: &[TensorPlan]) -> FileType {
             .unwrap_or(GgmlType::F32);
         FileType::for_single_type(most).unwrap_or(kiln_types::FILE_TYPES[0])
     })
-}
-
-impl BuildPlan {
-    /// The checkpoint folder.
-    pub fn input_folder(&self) -> &Path {
-        self.checkpoint.folder()
-    }
 }

@@ -19,9 +19,12 @@
 mod checkpoint;
 mod error;
 pub mod gguf;
+mod gguf_input;
+pub mod imatrix;
 mod mmap;
 pub mod safetensors;
 
 pub use checkpoint::{Checkpoint, SourceDtype, TensorEntry};
 pub use error::ReadError;
+pub use gguf_input::GgufInput;
 pub use mmap::{MappedFile, MmapAccess};

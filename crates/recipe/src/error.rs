@@ -88,6 +88,19 @@ pub enum RecipeError {
     /// The output alignment is not a power of two that is a multiple of 8.
     #[error("output.alignment {0} must be a power of two and a multiple of 8")]
     InvalidAlignment(u64),
+    /// A value is not one of those allowed.
+    #[error("{context}: `{value}` is not allowed (expected {expected})")]
+    BadValue {
+        /// Where.
+        context: String,
+        /// What was given.
+        value: String,
+        /// What is allowed.
+        expected: String,
+    },
+    /// Two settings contradict each other.
+    #[error("{0}")]
+    Conflict(String),
     /// A metadata key or value is not acceptable.
     #[error("metadata: {0}")]
     BadMetadata(String),

@@ -5,8 +5,8 @@
 //! type names resolved, globs and regexes compiled, layer ranges checked, paths resolved against
 //! the recipe's folder. Nothing touches the model until that succeeds.
 //!
-//! A recipe decides a type per tensor with [`Recipe::choose`]: the first [`Rule`] whose selectors
-//! all match wins, else the default. (Architecture constraints, such as norms staying F32, and
+//! A recipe decides a type per tensor with [`Recipe::assign`]: the first [`Rule`] whose selectors
+//! and conditions all hold wins, else the default. (Architecture constraints, such as norms staying F32, and
 //! block-size fallbacks are applied afterwards by the pipeline and reported as such.)
 //!
 //! Command-line values override recipe values ([`Overrides`]); see `docs/recipes.md`.
@@ -15,6 +15,7 @@
 #![deny(missing_docs)]
 
 mod error;
+pub mod presets;
 pub mod raw;
 mod rule;
 
@@ -23,7 +24,7 @@ use std::path::{Path, PathBuf};
 use kiln_types::{FileType, GgmlType};
 
 pub use error::RecipeError;
-pub use rule::{LayerSet, Rule, TensorNames};
+pub use rule::{use_more_bits, LayerSet, ModelFacts, Rule, TensorNames};
 
 /// The recipe format version this kiln reads.
 pub const RECIPE_VERSION: u32 = 1;
@@ -35,6 +36,8 @@ pub enum TypeChoice {
     Type(GgmlType),
     /// Keep the source's own type (bytes copied when nothing else changes them).
     Keep,
+    /// The recipe's default type (a rule that says "no change from the default").
+    Default,
 }
 
 impl TypeChoice {
@@ -42,6 +45,9 @@ impl TypeChoice {
     pub fn parse(s: &str) -> Option<TypeChoice> {
         if s.eq_ignore_ascii_case("keep") {
             return Some(TypeChoice::Keep);
+        }
+        if s.eq_ignore_ascii_case("default") {
+            return Some(TypeChoice::Default);
         }
         GgmlType::from_name(s).map(TypeChoice::Type)
     }
@@ -52,6 +58,7 @@ impl std::fmt::Display for TypeChoice {
         match self {
             TypeChoice::Type(t) => write!(f, "{t}"),
             TypeChoice::Keep => f.write_str("keep"),
+            TypeChoice::Default => f.write_str("default"),
         }
     }
 }
@@ -78,12 +85,14 @@ impl GeneralMetadata {
 }
 
 /// Values given on the command line, which take precedence over the recipe's.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Overrides {
     /// `--input`.
     pub input: Option<PathBuf>,
     /// `--output`.
     pub output: Option<PathBuf>,
+    /// `--imatrix`.
+    pub imatrix: Option<PathBuf>,
 }
 
 /// A validated recipe.
@@ -105,6 +114,36 @@ pub struct Recipe {
     pub alignment: u64,
     /// `general.*` metadata to set.
     pub metadata: GeneralMetadata,
+    /// The importance matrix file.
+    pub imatrix: Option<PathBuf>,
+    /// Keep only imatrix entries whose names contain one of these.
+    pub imatrix_include: Vec<String>,
+    /// Drop imatrix entries whose names contain one of these.
+    pub imatrix_exclude: Vec<String>,
+    /// Types that need importance data.
+    pub require_imatrix: Vec<GgmlType>,
+    /// Whether already-quantized inputs may be requantized.
+    pub allow_requantize: bool,
+    /// Shape fallbacks, `(type, fallback)`.
+    pub fallbacks: Vec<(GgmlType, GgmlType)>,
+}
+
+/// Per tensor, its (position, count) among the tensors a rule's names match, if it is one.
+type Ordinals = Vec<Option<(u32, u32)>>;
+
+/// The decision for one tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Assignment {
+    /// The rule that matched, if any.
+    pub rule: Option<usize>,
+    /// The requested type (`Default` already resolved to the recipe's default).
+    pub choice: TypeChoice,
+    /// Whether the importance matrix applies.
+    pub use_imatrix: bool,
+    /// Whether `require_imatrix` applies.
+    pub imatrix_required: bool,
+    /// Whether the fallback table applies.
+    pub fallback: bool,
 }
 
 impl Recipe {
@@ -150,6 +189,29 @@ impl Recipe {
             .enumerate()
             .map(|(i, r)| Rule::compile(i, r))
             .collect::<Result<Vec<_>, _>>()?;
+        let type_list = |context: &str, names: &[String]| -> Result<Vec<GgmlType>, RecipeError> {
+            names
+                .iter()
+                .map(|n| {
+                    GgmlType::from_name(n).ok_or_else(|| RecipeError::UnknownType {
+                        context: context.to_string(),
+                        name: n.clone(),
+                    })
+                })
+                .collect()
+        };
+        let require_imatrix = type_list("quantize.require-imatrix", &raw.quantize.require_imatrix)?;
+        let mut fallbacks = Vec::new();
+        for (from, to) in &raw.fallback {
+            let from_ty = type_list("fallback", std::slice::from_ref(from))?[0];
+            let to_ty = type_list(&format!("fallback.{from}"), std::slice::from_ref(to))?[0];
+            fallbacks.push((from_ty, to_ty));
+        }
+        if !raw.quantize.imatrix_include.is_empty() && !raw.quantize.imatrix_exclude.is_empty() {
+            return Err(RecipeError::Conflict(
+                "quantize.imatrix-include and quantize.imatrix-exclude cannot both be set".into(),
+            ));
+        }
         let alignment = raw.output.as_ref().and_then(|o| o.alignment).unwrap_or(32);
         if alignment == 0 || !alignment.is_power_of_two() || alignment % 8 != 0 {
             return Err(RecipeError::InvalidAlignment(alignment));
@@ -163,6 +225,12 @@ impl Recipe {
             rules,
             alignment,
             metadata: raw.metadata.unwrap_or_default().validate()?,
+            imatrix: raw.quantize.imatrix.map(resolve),
+            imatrix_include: raw.quantize.imatrix_include,
+            imatrix_exclude: raw.quantize.imatrix_exclude,
+            require_imatrix,
+            allow_requantize: raw.quantize.allow_requantize,
+            fallbacks,
         })
     }
 
@@ -177,6 +245,12 @@ impl Recipe {
             rules: Vec::new(),
             alignment: 32,
             metadata: GeneralMetadata::default(),
+            imatrix: None,
+            imatrix_include: Vec::new(),
+            imatrix_exclude: Vec::new(),
+            require_imatrix: Vec::new(),
+            allow_requantize: false,
+            fallbacks: Vec::new(),
         }
     }
 
@@ -188,16 +262,85 @@ impl Recipe {
         if let Some(p) = &overrides.output {
             self.output = Some(p.clone());
         }
+        if let Some(p) = &overrides.imatrix {
+            self.imatrix = Some(p.clone());
+        }
         self
     }
 
-    /// The recipe's choice for a tensor: the first matching rule (its index) or the default.
-    pub fn choose(&self, names: &TensorNames<'_>) -> (Option<usize>, TypeChoice) {
-        self.rules
+    /// The fallback listed for `ty`, if any.
+    pub fn fallback_for(&self, ty: GgmlType) -> Option<GgmlType> {
+        self.fallbacks
+            .iter()
+            .find(|(from, _)| *from == ty)
+            .map(|(_, to)| *to)
+    }
+
+    /// Decides every tensor: the first rule whose selectors and conditions hold, else the
+    /// default. `tensors` may be in any order; ordinals (`nth`) are counted in llama.cpp's order
+    /// (block number, then name, tensors outside blocks first), so the result does not depend on
+    /// the order given.
+    pub fn assign(&self, tensors: &[TensorNames<'_>], model: &ModelFacts) -> Vec<Assignment> {
+        let mut order: Vec<usize> = (0..tensors.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (ta, tb) = (&tensors[a], &tensors[b]);
+            (ta.layer.map_or(-1, i64::from), ta.gguf)
+                .cmp(&(tb.layer.map_or(-1, i64::from), tb.gguf))
+        });
+        // ordinals[rule][tensor] = (position, count) among tensors matching the rule's names.
+        let ordinals: Vec<Option<Ordinals>> = self
+            .rules
+            .iter()
+            .map(|rule| {
+                rule.uses_ordinals().then(|| {
+                    let matching: Vec<usize> = order
+                        .iter()
+                        .copied()
+                        .filter(|&i| rule.name_matches(&tensors[i]))
+                        .collect();
+                    let mut out = vec![None; tensors.len()];
+                    for (pos, &i) in matching.iter().enumerate() {
+                        out[i] = Some((pos as u32, matching.len() as u32));
+                    }
+                    out
+                })
+            })
+            .collect();
+        let default_block = match self.default {
+            TypeChoice::Type(t) => t.block_size().unwrap_or(1),
+            _ => 1,
+        };
+        tensors
             .iter()
             .enumerate()
-            .find(|(_, r)| r.matches(names))
-            .map_or((None, self.default), |(i, r)| (Some(i), r.choice))
+            .map(|(i, t)| {
+                let hit = self.rules.iter().find(|rule| {
+                    let ordinal = ordinals[rule.index].as_ref().and_then(|o| o[i]);
+                    rule.matches(t, model, ordinal, default_block)
+                });
+                let (rule, choice, use_imatrix, imatrix_required, fallback) = match hit {
+                    Some(r) => (
+                        Some(r.index),
+                        r.choice,
+                        r.use_imatrix,
+                        r.imatrix_required,
+                        r.fallback,
+                    ),
+                    None => (None, self.default, true, true, true),
+                };
+                let choice = match choice {
+                    TypeChoice::Default => self.default,
+                    other => other,
+                };
+                Assignment {
+                    rule,
+                    choice,
+                    use_imatrix,
+                    imatrix_required,
+                    fallback,
+                }
+            })
+            .collect()
     }
 }
 

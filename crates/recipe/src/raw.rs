@@ -42,6 +42,11 @@ pub struct RecipeFile {
     pub rules: Vec<RuleSection>,
     /// `general.*` metadata for the artifact.
     pub metadata: Option<MetadataSection>,
+    /// Shape fallbacks: `TYPE = "FALLBACK"` pairs used when a tensor's rows are not a multiple of
+    /// the chosen type's block size. When the fallback does not fit either, or no fallback is
+    /// listed, the tensor is stored as F16.
+    #[serde(default)]
+    pub fallback: std::collections::BTreeMap<String, String>,
 }
 
 /// `[input]`
@@ -74,6 +79,27 @@ pub struct QuantizeSection {
     /// Default: the file type of `default`, or of the most common output type when `default` is
     /// `keep`.
     pub file_type: Option<String>,
+    /// An importance matrix (llama.cpp's GGUF `imatrix.gguf` or legacy `.dat`), relative to the
+    /// recipe's folder. `--imatrix` overrides it.
+    pub imatrix: Option<PathBuf>,
+    /// Use only importance-matrix entries whose name contains one of these strings
+    /// (llama-quantize's `--include-weights`).
+    #[serde(default)]
+    pub imatrix_include: Vec<String>,
+    /// Ignore importance-matrix entries whose name contains one of these strings
+    /// (`--exclude-weights`). Cannot be combined with `imatrix-include`.
+    #[serde(default)]
+    pub imatrix_exclude: Vec<String>,
+    /// Types that must not be produced without importance data: a tensor assigned one of these
+    /// types (by a rule that does not set `imatrix = false`) needs an imatrix entry, or the plan
+    /// fails. Types whose kernel cannot work without one are refused regardless.
+    #[serde(default)]
+    pub require_imatrix: Vec<String>,
+    /// Allow inputs whose tensors are already quantized (e.g. a Q4_K GGUF) to be requantized.
+    /// Requantizing loses precision twice, so it must be asked for. F32, F16 and BF16 inputs are
+    /// always allowed.
+    #[serde(default)]
+    pub allow_requantize: bool,
 }
 
 /// One `[[rules]]` entry. Selectors are combined with AND; at least one is required.
@@ -89,14 +115,64 @@ pub struct RuleSection {
     pub regex: Option<String>,
     /// Regular expression over Hugging Face tensor names.
     pub hf_regex: Option<String>,
-    /// Layer numbers the rule applies to: `"3"`, `"0..4"` (end excluded), `"0..=3"`, `"8.."`, or a
-    /// list such as `[0, 2, 5]`. Tensors outside any layer (embeddings, output) never match.
+    /// Layer numbers the rule applies to: `"3"`, `"0..4"` (end excluded), `"0..=3"`, `"8.."`,
+    /// expressions in `n` (the block count) such as `"..n/8"`, `"more-bits"`, or a list such as
+    /// `[0, 2, 5]`. Tensors outside any layer (embeddings, output) never match.
     pub layers: Option<LayersSpec>,
-    /// The type to use: a ggml type name or `keep`.
+    /// Ordinal selection: the tensor's position among all tensors matching this rule's name
+    /// selectors, in llama.cpp's order (block number, then name), with `n` their count. Same
+    /// syntax as `layers`. llama-quantize's "first two attn_v tensors" is `nth = "0..2"`.
+    pub nth: Option<LayersSpec>,
+    /// Conditions on the model (and on the tensor's shape) that must all hold.
+    pub when: Option<WhenSection>,
+    /// Importance-matrix use for matching tensors: `true` (the default: used when available, and
+    /// required for the types in `quantize.require-imatrix`), `false` (never used), or
+    /// `"optional"` (used when available, never required; llama-quantize treats `token_embd` and
+    /// `output` this way).
+    pub imatrix: Option<ImatrixUse>,
+    /// Whether the `[fallback]` table applies when the type does not fit the row length
+    /// (default `true`). With `false`, a type that does not fit is an error.
+    pub fallback: Option<bool>,
+    /// The type to use: a ggml type name, `keep` (the source's type) or `default` (the recipe's
+    /// default type; useful to stop later rules from matching).
     #[serde(rename = "type")]
     pub type_: String,
     /// A label shown by `kiln plan` instead of `rules[N]`.
     pub label: Option<String>,
+}
+
+/// `when`: conditions on the model being converted. All given conditions must hold.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct WhenSection {
+    /// Grouped-query factor (`n_head / n_head_kv` of the first layer) at least this.
+    pub gqa_min: Option<u32>,
+    /// Grouped-query factor at most this.
+    pub gqa_max: Option<u32>,
+    /// Number of experts exactly this (0 for dense models).
+    pub experts: Option<u32>,
+    /// Number of experts at least this.
+    pub experts_min: Option<u32>,
+    /// Number of blocks (layers) exactly this.
+    pub block_count: Option<u32>,
+    /// Whether an importance matrix is in use.
+    pub imatrix: Option<bool>,
+    /// Whether the model ties its output to the token embedding (no `output.weight`).
+    pub tied_embeddings: Option<bool>,
+    /// Whether the tensor is a stacked expert tensor (three dimensions, more than one expert).
+    pub expert_tensor: Option<bool>,
+    /// Whether the tensor's rows are a multiple of the default type's block size.
+    pub default_fits: Option<bool>,
+}
+
+/// `imatrix` of a rule: a boolean or `"optional"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ImatrixUse {
+    /// `true` or `false`.
+    Flag(bool),
+    /// `"optional"`.
+    Word(String),
 }
 
 /// A string or a list of strings.
@@ -123,7 +199,9 @@ impl OneOrMany {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum LayersSpec {
-    /// `"3"`, `"0..4"`, `"0..=3"`, `"8.."`.
+    /// `"3"`, `"0..4"`, `"0..=3"`, `"8.."`, `"..n/8"`, `"n/8..7*n/8"` (bounds are integer
+    /// expressions in `n`, the number of blocks, with C's truncating division), or `"more-bits"`
+    /// (llama.cpp's `use_more_bits`: the first and last eighth, and every third layer between).
     Range(String),
     /// `[0, 2, 5]`.
     List(Vec<u32>),

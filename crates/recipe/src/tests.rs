@@ -71,87 +71,213 @@ fn full_recipe_parses() {
         .contains(&("kiln.count".into(), MetaValue::U32(5))));
 }
 
+fn dense(block_count: u32) -> ModelFacts {
+    ModelFacts {
+        block_count,
+        gqa: 2,
+        experts: 0,
+        tied_embeddings: false,
+        imatrix: false,
+    }
+}
+
+fn t<'a>(hf: &'a str, gguf: &'a str, layer: Option<u32>) -> TensorNames<'a> {
+    TensorNames {
+        hf,
+        gguf,
+        layer,
+        ne: &[256, 256],
+    }
+}
+
 #[test]
 fn first_matching_rule_wins() {
     let r = parse(FULL).unwrap();
-    let t = |hf, gguf, layer| TensorNames { hf, gguf, layer };
-    let pick = |n| r.choose(&n);
-    assert_eq!(
-        pick(t(
+    let tensors = [
+        t(
             "model.layers.1.self_attn.v_proj.weight",
             "blk.1.attn_v.weight",
-            Some(1)
-        )),
-        (Some(0), TypeChoice::Type(GgmlType::F16))
-    );
-    assert_eq!(
-        pick(t(
+            Some(1),
+        ),
+        t(
             "model.layers.2.self_attn.v_proj.weight",
             "blk.2.attn_v.weight",
-            Some(2)
-        )),
-        (None, TypeChoice::Type(GgmlType::Q8_0))
-    );
-    assert_eq!(
-        pick(t(
+            Some(2),
+        ),
+        t(
             "model.layers.5.mlp.down_proj.weight",
             "blk.5.ffn_down.weight",
-            Some(5)
-        )),
-        (Some(1), TypeChoice::Keep)
-    );
-    assert_eq!(
-        pick(t(
+            Some(5),
+        ),
+        t(
             "model.layers.5.mlp.up_proj.weight",
             "blk.5.ffn_up.weight",
-            Some(5)
-        ))
-        .1,
-        TypeChoice::Type(GgmlType::BF16)
-    );
-    assert_eq!(
-        pick(t(
+            Some(5),
+        ),
+        t(
             "model.layers.3.mlp.up_proj.weight",
             "blk.3.ffn_up.weight",
-            Some(3)
-        ))
-        .0,
-        None
-    );
+            Some(3),
+        ),
+        t("model.embed_tokens.weight", "token_embd.weight", None),
+    ];
+    let a = r.assign(&tensors, &dense(6));
+    let picks: Vec<(Option<usize>, TypeChoice)> = a.iter().map(|x| (x.rule, x.choice)).collect();
     assert_eq!(
-        pick(t("model.embed_tokens.weight", "token_embd.weight", None)).0,
-        Some(3)
+        picks,
+        [
+            (Some(0), TypeChoice::Type(GgmlType::F16)),
+            (None, TypeChoice::Type(GgmlType::Q8_0)),
+            (Some(1), TypeChoice::Keep),
+            (Some(2), TypeChoice::Type(GgmlType::BF16)),
+            (None, TypeChoice::Type(GgmlType::Q8_0)),
+            (Some(3), TypeChoice::Type(GgmlType::F32)),
+        ]
     );
+}
+
+fn layers(s: &str) -> Option<LayerSet> {
+    LayerSet::parse(&raw::LayersSpec::Range(s.into()))
+}
+
+fn members(s: &str, n: u32) -> Vec<u32> {
+    let set = layers(s).unwrap();
+    (0..n).filter(|&i| set.contains(i, n)).collect()
 }
 
 #[test]
 fn layer_ranges() {
-    let r = |s: &str| LayerSet::parse(&raw::LayersSpec::Range(s.into()));
+    assert_eq!(members("3", 8), [3]);
+    assert_eq!(members("0..=3", 8), [0, 1, 2, 3]);
+    assert_eq!(members("5..", 8), [5, 6, 7]);
+    assert_eq!(members("..2", 8), [0, 1]);
+    assert!(layers("4..4").is_none());
+    assert!(layers("5..2").is_none());
+    assert!(layers("x").is_none());
+    assert!(layers("n/").is_none());
+    // Expressions in n use C's truncating division, as llama.cpp writes them.
+    assert_eq!(members("..n/8", 32), [0, 1, 2, 3]);
+    assert_eq!(members("..n/8", 6), Vec::<u32>::new());
+    assert_eq!(members("n/8..7*n/8", 16), (2..14).collect::<Vec<_>>());
+    assert_eq!(members("..n/16", 32), [0, 1]);
+}
+
+#[test]
+fn more_bits_matches_llama_cpp_examples() {
+    // Examples from llama-quant.cpp's use_more_bits, as listed in the format notes.
     assert_eq!(
-        r("3"),
-        Some(LayerSet::Range {
-            start: 3,
-            end: Some(4)
-        })
+        members("more-bits", 32),
+        [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
     );
     assert_eq!(
-        r("0..=3"),
-        Some(LayerSet::Range {
-            start: 0,
-            end: Some(4)
-        })
+        members("more-bits", 28),
+        [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 24, 25, 26, 27]
+    );
+    assert_eq!(members("more-bits", 16), [0, 1, 4, 7, 10, 13, 14, 15]);
+    assert_eq!(members("more-bits", 6), [2, 5]);
+}
+
+const PRESET_LIKE: &str = r#"
+kiln = 1
+[quantize]
+default = "q4_k"
+require-imatrix = ["iq2_xs"]
+[fallback]
+Q4_K = "Q5_0"
+Q6_K = "Q8_0"
+[[rules]]
+tensors = "output.weight"
+type = "q6_k"
+[[rules]]
+tensors = "token_embd.weight"
+when = { tied-embeddings = true }
+type = "q6_k"
+[[rules]]
+tensors = "*attn_v.weight"
+when = { experts = 8 }
+type = "q8_0"
+[[rules]]
+tensors = "*attn_v.weight"
+nth = "..2"
+type = "q5_k"
+[[rules]]
+tensors = "*attn_v.weight"
+when = { gqa-min = 4 }
+type = "q6_k"
+[[rules]]
+tensors = "*attn_v.weight"
+type = "default"
+[[rules]]
+tensors = "*.weight"
+when = { imatrix = true, default-fits = false }
+type = "q8_0"
+imatrix = false
+fallback = false
+"#;
+
+#[test]
+fn conditions_ordinals_and_default() {
+    let r = parse(PRESET_LIKE).unwrap();
+    assert_eq!(r.fallback_for(GgmlType::Q4_K), Some(GgmlType::Q5_0));
+    assert_eq!(r.fallback_for(GgmlType::Q8_0), None);
+    assert_eq!(r.require_imatrix, [GgmlType::IQ2_XS]);
+    // Deliberately out of llama.cpp's order: ordinals are counted in (block, name) order.
+    let names: Vec<(String, u32)> = (0..4)
+        .rev()
+        .map(|i| (format!("blk.{i}.attn_v.weight"), i))
+        .collect();
+    let mut tensors: Vec<TensorNames<'_>> = names.iter().map(|(n, i)| t(n, n, Some(*i))).collect();
+    tensors.push(t("model.embed_tokens.weight", "token_embd.weight", None));
+    let pick = |m: &ModelFacts| -> Vec<TypeChoice> {
+        r.assign(&tensors, m).iter().map(|a| a.choice).collect()
+    };
+    let q = |t| TypeChoice::Type(t);
+    // Layers 3, 2, 1, 0: the first two in llama.cpp's order are layers 0 and 1.
+    assert_eq!(
+        pick(&dense(4)),
+        [
+            q(GgmlType::Q4_K),
+            q(GgmlType::Q4_K),
+            q(GgmlType::Q5_K),
+            q(GgmlType::Q5_K),
+            q(GgmlType::Q4_K)
+        ]
+    );
+    let moe = ModelFacts {
+        experts: 8,
+        tied_embeddings: true,
+        ..dense(4)
+    };
+    assert_eq!(
+        pick(&moe),
+        [
+            q(GgmlType::Q8_0),
+            q(GgmlType::Q8_0),
+            q(GgmlType::Q8_0),
+            q(GgmlType::Q8_0),
+            q(GgmlType::Q6_K)
+        ]
+    );
+    // default-fits: rows of 128 do not fit Q4_K's 256-element blocks.
+    let narrow = [TensorNames {
+        hf: "x",
+        gguf: "blk.0.ffn_up.weight",
+        layer: Some(0),
+        ne: &[128, 4],
+    }];
+    let a = r.assign(
+        &narrow,
+        &ModelFacts {
+            imatrix: true,
+            ..dense(4)
+        },
     );
     assert_eq!(
-        r("8.."),
-        Some(LayerSet::Range {
-            start: 8,
-            end: None
-        })
+        (a[0].rule, a[0].choice, a[0].use_imatrix, a[0].fallback),
+        (Some(6), q(GgmlType::Q8_0), false, false)
     );
-    assert_eq!(r("4..4"), None);
-    assert_eq!(r("x"), None);
-    assert!(r("2..5").unwrap().contains(4));
-    assert!(!r("2..5").unwrap().contains(5));
+    let a = r.assign(&narrow, &dense(4));
+    assert_eq!((a[0].rule, a[0].choice), (None, q(GgmlType::Q4_K)));
 }
 
 #[test]
@@ -245,6 +371,7 @@ fn overrides_win() {
     let r = parse(FULL).unwrap().with_overrides(&Overrides {
         input: Some("/elsewhere".into()),
         output: None,
+        imatrix: None,
     });
     assert_eq!(r.input.as_deref(), Some(Path::new("/elsewhere")));
     assert_eq!(r.output.as_deref(), Some(Path::new("/recipes/out.gguf")));

@@ -38,7 +38,11 @@ pub struct Kernel {
 
 impl Kernel {
     /// A kernel that ignores importance matrices.
-    pub(crate) const fn plain(ty: GgmlType, quantize_row: QuantizeRowFn, dequantize: DequantizeFn) -> Kernel {
+    pub(crate) const fn plain(
+        ty: GgmlType,
+        quantize_row: QuantizeRowFn,
+        dequantize: DequantizeFn,
+    ) -> Kernel {
         Kernel {
             ty,
             quantize_row,
@@ -149,7 +153,7 @@ mod tests {
             })
         ));
         assert!(matches!(
-            quantize_rows(GgmlType::Q4_K, &x, 33, None, &mut out),
+            quantize_rows(GgmlType::NVFP4, &x, 33, None, &mut out),
             Err(QuantError::Unsupported(_))
         ));
         let x = [0.0f32; 32];

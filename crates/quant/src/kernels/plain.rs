@@ -47,4 +47,3 @@ fn dequantize_bf16(src: &[u8], dst: &mut [f32]) {
         *out = bf16_bits_to_f32(u16::from_le_bytes([b[0], b[1]]));
     }
 }
-

@@ -6,7 +6,11 @@ use super::Kernel;
 use crate::blocks::{Block, BlockQ8_0};
 use crate::scalar::{f16_bits_to_f32, f32_to_f16_bits};
 
-pub(crate) const KERNELS: &[Kernel] = &[Kernel::plain(GgmlType::Q8_0, quantize_q8_0, dequantize_q8_0)];
+pub(crate) const KERNELS: &[Kernel] = &[Kernel::plain(
+    GgmlType::Q8_0,
+    quantize_q8_0,
+    dequantize_q8_0,
+)];
 
 /// `quantize_row_q8_0_ref`: d = max|x| / 127, q = roundf(x / d). The importance matrix is ignored,
 /// as in ggml.
@@ -32,4 +36,3 @@ fn dequantize_q8_0(src: &[u8], dst: &mut [f32]) {
         }
     }
 }
-
