@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 
 mod build;
+pub mod diff;
 mod error;
 mod imatrix;
 mod input;

@@ -23,6 +23,7 @@ mod gguf_input;
 pub mod imatrix;
 mod mmap;
 pub mod safetensors;
+pub mod split;
 
 pub use checkpoint::{Checkpoint, SourceDtype, TensorEntry};
 pub use error::ReadError;

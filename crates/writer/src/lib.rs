@@ -20,6 +20,7 @@
 mod atomic;
 mod gguf;
 mod hashing;
+pub mod split;
 
 pub use atomic::AtomicFile;
 pub use gguf::{GgufLayout, GgufWriter, TensorSlot, TensorSpec, WrittenFile, WrittenTensor};

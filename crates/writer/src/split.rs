@@ -1,0 +1,1 @@
+//! Split GGUF output: shard planning, names and keys, as llama.cpp's gguf-split. (Being implemented.)
