@@ -13,7 +13,7 @@ use kiln_reader::gguf::GgufFile;
 
 fn recipe(ty: &str, input: &Path, output: &Path) -> Recipe {
     let text = format!(
-        "kiln = 1\n[input]\npath = {input:?}\n[output]\npath = {output:?}\n[quantize]\ndefault = \"{ty}\"\n[metadata]\nname = \"Tiny Llama\"\n"
+        "kiln = 1\n[input]\npath = {input:?}\n[output]\npath = {output:?}\nprovenance = false\n[quantize]\ndefault = \"{ty}\"\n[metadata]\nname = \"Tiny Llama\"\n"
     );
     Recipe::from_toml(&text, Path::new(".")).expect("recipe")
 }

@@ -192,7 +192,7 @@ fn requantizing_a_gguf_reproduces_llama_quantize_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bf16 = dir.path().join("convert-bf16.gguf");
     let text = format!(
-        "kiln = 1\n[input]\npath = {:?}\n[output]\npath = {bf16:?}\n[quantize]\ndefault = \"bf16\"\n[metadata]\nname = \"Tiny Llama\"\n",
+        "kiln = 1\n[input]\npath = {:?}\n[output]\npath = {bf16:?}\nprovenance = false\n[quantize]\ndefault = \"bf16\"\n[metadata]\nname = \"Tiny Llama\"\n",
         fixture("tiny-llama")
     );
     let recipe = Recipe::from_toml(&text, Path::new(".")).expect("recipe");
@@ -207,7 +207,7 @@ fn requantizing_a_gguf_reproduces_llama_quantize_files() {
         "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_S", "Q6_K", "IQ4_XS", "TQ2_0",
     ] {
         let out = dir.path().join(format!("{preset}.gguf"));
-        let recipe = kiln_recipe::presets::get(preset)
+        let mut recipe = kiln_recipe::presets::get(preset)
             .expect("preset")
             .expect("parses")
             .with_overrides(&Overrides {
@@ -215,6 +215,7 @@ fn requantizing_a_gguf_reproduces_llama_quantize_files() {
                 output: Some(out.clone()),
                 imatrix: None,
             });
+        recipe.provenance = false;
         let p = plan(&recipe, &access()).expect("plan");
         build(&p, &BuildOptions::default(), &()).expect("build");
         let bytes = std::fs::read(&out).expect("output");
@@ -278,7 +279,7 @@ fn tiny_bert_fallbacks_match_llama_quantize() {
     let dir = tempfile::tempdir().expect("tempdir");
     for preset in ["Q4_K_M", "Q5_0", "Q8_0"] {
         let out = dir.path().join(format!("{preset}.gguf"));
-        let recipe = kiln_recipe::presets::get(preset)
+        let mut recipe = kiln_recipe::presets::get(preset)
             .expect("preset")
             .expect("parses")
             .with_overrides(&Overrides {
@@ -286,6 +287,7 @@ fn tiny_bert_fallbacks_match_llama_quantize() {
                 output: Some(out.clone()),
                 imatrix: None,
             });
+        recipe.provenance = false;
         let p = plan(&recipe, &access()).expect("plan");
         let g = &golden[format!("quant-{preset}.gguf")];
         for t in g["tensors"].as_array().expect("tensors") {

@@ -56,11 +56,49 @@ enum Command {
         /// Importance matrix (llama.cpp GGUF or legacy .dat).
         #[arg(long)]
         imatrix: Option<PathBuf>,
+        /// Allow requantizing tensors that are already quantized (GGUF inputs).
+        #[arg(long)]
+        allow_requantize: bool,
         /// `general.name` of the output.
         #[arg(long)]
         name: Option<String>,
         #[command(flatten)]
         run: RunOptions,
+    },
+    /// Check an artifact against its manifest (<artifact>.kiln.json), or rebuild it and compare.
+    Verify {
+        /// The artifact (GGUF).
+        artifact: PathBuf,
+        /// The manifest (default: <artifact>.kiln.json).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Rebuild from the recorded recipe and the given inputs, and compare byte for byte.
+        #[arg(long, requires = "input")]
+        rebuild: bool,
+        /// The checkpoint to rebuild from (with --rebuild).
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// The importance matrix to rebuild with, if the build used one (with --rebuild).
+        #[arg(long)]
+        imatrix: Option<PathBuf>,
+        #[command(flatten)]
+        run: RunOptions,
+    },
+    /// Show metadata and tensor differences between two GGUF files, numeric ones included.
+    Diff {
+        /// First file.
+        a: PathBuf,
+        /// Second file.
+        b: PathBuf,
+        /// Compare metadata and bytes only (no dequantization).
+        #[arg(long)]
+        no_numeric: bool,
+        /// Worker threads.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Describe a GGUF file, a .safetensors file or a checkpoint folder.
     Inspect {
@@ -112,7 +150,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Exit codes: 2 recipe or usage, 3 input, 4 output, 1 anything else.
+/// Exit codes: 2 recipe or usage, 3 input, 4 output, 1 anything else; `kiln verify` exits 5 when
+/// the artifact does not match, `kiln diff` 1 when the files differ (as `diff` does).
 fn exit_code(e: &PipelineError) -> u8 {
     match e {
         PipelineError::Recipe(_)
@@ -159,6 +198,7 @@ fn run(cli: Cli) -> Result<(), PipelineError> {
             output,
             ty,
             imatrix,
+            allow_requantize,
             name,
             run,
         } => {
@@ -177,9 +217,61 @@ fn run(cli: Cli) -> Result<(), PipelineError> {
                 imatrix,
             });
             if let Some(name) = name {
-                recipe.metadata.strings.push(("general.name".into(), name));
+                recipe.set_name(&name);
+            }
+            if allow_requantize {
+                recipe.set_allow_requantize(true);
             }
             build(&recipe, &access, &run)
+        }
+        Command::Verify {
+            artifact,
+            manifest,
+            rebuild,
+            input,
+            imatrix,
+            run,
+        } => {
+            let report = match (rebuild, input) {
+                (true, Some(input)) => kiln_pipeline::verify::verify_rebuild(
+                    &artifact,
+                    manifest.as_deref(),
+                    &input,
+                    imatrix.as_deref(),
+                    &BuildOptions {
+                        threads: run.threads,
+                        ..BuildOptions::default()
+                    },
+                    &access,
+                )?,
+                _ => kiln_pipeline::verify::verify(&artifact, manifest.as_deref(), &access)?,
+            };
+            output::verify(&artifact, &report, run.json);
+            if report.ok {
+                Ok(())
+            } else {
+                std::process::exit(5);
+            }
+        }
+        Command::Diff {
+            a,
+            b,
+            no_numeric,
+            threads,
+            json,
+        } => {
+            let options = kiln_pipeline::diff::DiffOptions {
+                numeric: !no_numeric,
+                threads,
+                ..Default::default()
+            };
+            let report = kiln_pipeline::diff::diff(&a, &b, &access, &options)?;
+            output::diff(&report, json);
+            if report.identical {
+                Ok(())
+            } else {
+                std::process::exit(1);
+            }
         }
         Command::Inspect { path, json, full } => {
             let inspection = kiln_pipeline::inspect(&path, &access)?;

@@ -311,3 +311,193 @@ pub(crate) fn inspection(ins: &Inspection, as_json: bool, full: bool) {
     }
     emit(&o);
 }
+
+pub(crate) fn verify(
+    artifact: &std::path::Path,
+    report: &kiln_pipeline::verify::VerifyReport,
+    as_json: bool,
+) {
+    let mut o = String::new();
+    if as_json {
+        outln!(
+            o,
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        );
+        emit(&o);
+        return;
+    }
+    use kiln_pipeline::verify::VerifyFailure as F;
+    for f in &report.failures {
+        match f {
+            F::MissingFile { file } => outln!(o, "MISSING   {file}"),
+            F::SizeMismatch {
+                file,
+                expected,
+                actual,
+            } => {
+                outln!(
+                    o,
+                    "SIZE      {file}: {actual} bytes, expected {expected}{}",
+                    if actual < expected {
+                        " (truncated)"
+                    } else {
+                        ""
+                    }
+                )
+            }
+            F::HeaderMismatch { file, .. } => {
+                outln!(o, "HEADER    {file}: metadata or tensor infos differ")
+            }
+            F::TensorMismatch {
+                file,
+                tensor,
+                start,
+                end,
+                actual,
+                ..
+            } => outln!(
+                o,
+                "TENSOR    {file}: {tensor} bytes {start}..{end} {}",
+                if actual == "missing" {
+                    "are past the end of the file"
+                } else {
+                    "differ"
+                }
+            ),
+            F::FileMismatch { file, .. } => outln!(o, "FILE      {file}: whole-file hash differs"),
+            F::RecipeMismatch {
+                file,
+                expected,
+                actual,
+            } => {
+                outln!(
+                    o,
+                    "RECIPE    {file}: kiln.recipe.xxh3 is {actual}, manifest says {expected}"
+                )
+            }
+            F::InputMismatch { input, actual, .. } => outln!(
+                o,
+                "INPUT     {input}: {}",
+                if actual == "missing" {
+                    "not read by the rebuild"
+                } else {
+                    "differs from the recorded input"
+                }
+            ),
+        }
+    }
+    outln!(
+        o,
+        "{}: {} ({} file(s), {} tensors checked{})",
+        artifact.display(),
+        if report.ok { "OK" } else { "FAILED" },
+        report.files,
+        report.tensors,
+        if report.rebuilt {
+            ", rebuilt and compared byte for byte"
+        } else {
+            ""
+        }
+    );
+    emit(&o);
+}
+
+pub(crate) fn diff(report: &kiln_pipeline::diff::DiffReport, as_json: bool) {
+    let mut o = String::new();
+    if as_json {
+        outln!(
+            o,
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        );
+        emit(&o);
+        return;
+    }
+    let m = &report.metadata;
+    for e in &m.only_in_a {
+        outln!(o, "- {} ({}) = {}", e.key, e.ty, e.value);
+    }
+    for e in &m.only_in_b {
+        outln!(o, "+ {} ({}) = {}", e.key, e.ty, e.value);
+    }
+    for c in &m.changed {
+        outln!(
+            o,
+            "~ {}: ({}) {} -> ({}) {}",
+            c.key,
+            c.type_a,
+            c.value_a,
+            c.type_b,
+            c.value_b
+        );
+    }
+    let t = &report.tensors;
+    for x in &t.only_in_a {
+        outln!(o, "- tensor {} {} {}", x.name, x.ty, shape(&x.shape));
+    }
+    for x in &t.only_in_b {
+        outln!(o, "+ tensor {} {} {}", x.name, x.ty, shape(&x.shape));
+    }
+    let name_w = t
+        .common
+        .iter()
+        .map(|x| x.name.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    let changed: Vec<_> = t.common.iter().filter(|x| !x.identical).collect();
+    if !changed.is_empty() {
+        outln!(
+            o,
+            "{:name_w$}  {:>15}  {:>12}  {:>12}  {:>10}",
+            "tensor",
+            "types",
+            "max |d|",
+            "rmse",
+            "rel rmse"
+        );
+        for x in changed {
+            let types = if x.type_a == x.type_b {
+                x.type_a.clone()
+            } else {
+                format!("{}>{}", x.type_a, x.type_b)
+            };
+            match &x.numeric {
+                Some(n) => outln!(
+                    o,
+                    "{:name_w$}  {types:>15}  {:>12.4e}  {:>12.4e}  {:>10}",
+                    x.name,
+                    n.max_abs,
+                    n.rmse,
+                    n.relative_rmse
+                        .map(|r| format!("{r:.3e}"))
+                        .unwrap_or_else(|| "-".into())
+                ),
+                None => outln!(
+                    o,
+                    "{:name_w$}  {types:>15}  bytes differ (no numeric comparison)",
+                    x.name
+                ),
+            }
+        }
+    }
+    let s = &report.summary;
+    outln!(
+        o,
+        "{}: metadata +{} -{} ~{}; tensors +{} -{}, {} of {} identical",
+        if report.identical {
+            "identical"
+        } else {
+            "different"
+        },
+        s.metadata_only_in_b,
+        s.metadata_only_in_a,
+        s.metadata_changed,
+        s.tensors_only_in_b,
+        s.tensors_only_in_a,
+        s.tensors_identical,
+        s.tensors_common
+    );
+    emit(&o);
+}

@@ -123,6 +123,9 @@ pub struct Report {
     pub seconds: f64,
     /// Per tensor, in file order.
     pub tensors: Vec<TensorReport>,
+    /// The manifest written beside the artifact, when provenance is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<PathBuf>,
 }
 
 /// Runs a plan: writes the artifact atomically and reports what was written.
@@ -157,6 +160,10 @@ pub fn build(
         .collect();
     let layout =
         GgufLayout::new(plan.metadata.clone(), specs, plan.alignment).map_err(write_err)?;
+    let header = FileHeader {
+        bytes: layout.data_offset(),
+        xxh3: crate::provenance::xxh3_hex(layout.header()),
+    };
 
     let source_bytes: u64 = plan
         .tensors
@@ -201,6 +208,11 @@ pub fn build(
     })();
     progress.finish();
     let written = result?;
+    let manifest = if plan.provenance {
+        Some(write_manifest(plan, &written, &header)?)
+    } else {
+        None
+    };
 
     let mut total = ErrorSums::default();
     errors.iter().for_each(|e| total.add(e));
@@ -235,7 +247,66 @@ pub fn build(
         threads,
         seconds: started.elapsed().as_secs_f64(),
         tensors,
+        manifest,
     })
+}
+
+struct FileHeader {
+    bytes: u64,
+    xxh3: String,
+}
+
+/// Writes `<artifact>.kiln.json` (atomically, after the artifact itself is in place, so a
+/// manifest always describes a complete artifact).
+fn write_manifest(
+    plan: &BuildPlan,
+    written: &kiln_writer::WrittenFile,
+    header: &FileHeader,
+) -> Result<PathBuf, PipelineError> {
+    use crate::provenance::{FileRecord, Manifest, TensorRecord, MANIFEST_VERSION, TOOL};
+    let manifest = Manifest {
+        kiln_manifest: MANIFEST_VERSION,
+        tool: TOOL.to_string(),
+        recipe: plan.recipe.clone(),
+        inputs: plan.inputs.clone(),
+        files: vec![FileRecord {
+            name: plan
+                .output
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            bytes: written.len,
+            xxh3: written.xxh3.to_string(),
+            header_bytes: header.bytes,
+            header_xxh3: header.xxh3.clone(),
+        }],
+        tensors: plan
+            .tensors
+            .iter()
+            .zip(&written.tensors)
+            .map(|(t, w)| TensorRecord {
+                name: t.name.clone(),
+                source: t.source_name.clone(),
+                ty: t.ty.to_string(),
+                shape: t.ne.clone(),
+                file: 0,
+                offset: w.file_offset,
+                bytes: w.nbytes,
+                xxh3: w.xxh3.to_string(),
+            })
+            .collect(),
+    };
+    let path = Manifest::path_for(&plan.output);
+    let write_err = |source| PipelineError::Write {
+        path: path.clone(),
+        source,
+    };
+    let mut file = AtomicFile::create(&path).map_err(write_err)?;
+    file.file()
+        .write_all(manifest.to_json().as_bytes())
+        .map_err(|e| write_err(kiln_writer::WriteError::Stream(e)))?;
+    file.commit().map_err(write_err)?;
+    Ok(path)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -143,6 +143,14 @@ pub enum PipelineError {
         /// Weights present.
         actual: u64,
     },
+    /// A manifest cannot be read.
+    #[error("{path}: not a kiln manifest: {message}")]
+    BadManifest {
+        /// The manifest.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A file to inspect is neither GGUF nor safetensors.
     #[error("{0}: not a GGUF file, a safetensors file or a checkpoint folder")]
     UnknownFormat(PathBuf),

@@ -7,12 +7,14 @@ use kiln_calib::Imatrix;
 use kiln_reader::{MappedFile, MmapAccess, ReadError};
 use kiln_types::MetaValue;
 
+use crate::provenance::InputRecord;
 use crate::PipelineError;
 
 /// A loaded importance matrix.
 #[derive(Debug)]
 pub(crate) struct LoadedImatrix {
     imatrix: Imatrix,
+    record: InputRecord,
 }
 
 impl LoadedImatrix {
@@ -39,7 +41,13 @@ impl LoadedImatrix {
                 source,
             }
         })?;
-        Ok(LoadedImatrix { imatrix })
+        let record = InputRecord::new("imatrix", path, file.bytes());
+        Ok(LoadedImatrix { imatrix, record })
+    }
+
+    /// The file as a provenance record.
+    pub(crate) fn record(&self) -> &InputRecord {
+        &self.record
     }
 
     /// The weights llama-quantize would pass to ggml for a tensor known by its GGUF and its

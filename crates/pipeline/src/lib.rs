@@ -23,6 +23,8 @@ mod input;
 mod inspect;
 mod json;
 mod plan;
+pub mod provenance;
+pub mod verify;
 
 pub use build::{build, BuildOptions, Progress, Report, TensorReport};
 pub use error::PipelineError;

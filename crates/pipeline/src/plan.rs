@@ -12,6 +12,7 @@ use kiln_types::{FileType, GgmlType, MetaArray, MetaValue};
 
 use crate::imatrix::LoadedImatrix;
 use crate::input::Input;
+use crate::provenance::{kiln_keys, xxh3_hex, InputRecord, RecipeRecord};
 use crate::PipelineError;
 
 /// Why a tensor gets its type.
@@ -105,6 +106,12 @@ pub struct BuildPlan {
     pub metadata: Vec<(String, MetaValue)>,
     /// GGUF alignment.
     pub alignment: u64,
+    /// Every file read, with its size and hash.
+    pub inputs: Vec<InputRecord>,
+    /// The recipe as recorded.
+    pub recipe: RecipeRecord,
+    /// Whether a manifest is written beside the artifact.
+    pub provenance: bool,
     pub(crate) source: Input,
 }
 
@@ -145,11 +152,27 @@ pub fn plan(recipe: &Recipe, access: &MmapAccess) -> Result<BuildPlan, PipelineE
         )?),
         None => None,
     };
-    let planned = if is_gguf(&input_path) {
+    let mut planned = if is_gguf(&input_path) {
         plan_gguf(recipe, access, &input_path, imatrix.as_ref())?
     } else {
         plan_checkpoint(recipe, access, &input_path, imatrix.as_ref())?
     };
+    if let Some(m) = &imatrix {
+        planned.inputs.push(m.record().clone());
+    }
+    let normalized = recipe.normalized();
+    planned.recipe = RecipeRecord {
+        xxh3: xxh3_hex(normalized.as_bytes()),
+        normalized,
+    };
+    planned.provenance = recipe.provenance;
+    if recipe.provenance {
+        let keys = kiln_keys(&planned.recipe.xxh3, &planned.inputs);
+        planned
+            .metadata
+            .retain(|(k, _)| !keys.iter().any(|(key, _)| key == k));
+        planned.metadata.extend(keys);
+    }
     if let Ok(out) = output.canonicalize() {
         if planned
             .source
@@ -418,6 +441,17 @@ fn plan_checkpoint(
         tied_embeddings: !candidates.iter().any(|c| c.name == "output.weight"),
         imatrix: imatrix.is_some(),
     };
+    let mut inputs = hash_files(
+        checkpoint
+            .shard_files()
+            .map(|(path, file)| ("weights", path, file))
+            .collect(),
+    );
+    for name in kiln_arch::SIDE_FILE_NAMES {
+        if let Some(bytes) = files.get(name) {
+            inputs.push(InputRecord::new("side-file", Path::new(name), bytes));
+        }
+    }
     let source = Input::Hf(checkpoint);
     let tensors = decide(recipe, &source, candidates, &model, imatrix, false)?;
     let Input::Hf(checkpoint) = &source else {
@@ -476,8 +510,27 @@ fn plan_checkpoint(
         tensors,
         metadata,
         alignment: recipe.alignment,
+        inputs,
+        recipe: RecipeRecord {
+            xxh3: String::new(),
+            normalized: String::new(),
+        },
+        provenance: false,
         source,
     })
+}
+
+/// Hashes input files (in parallel; the records keep the given order), releasing their pages.
+fn hash_files(files: Vec<(&str, &Path, &kiln_reader::MappedFile)>) -> Vec<InputRecord> {
+    use rayon::prelude::*;
+    files
+        .par_iter()
+        .map(|(role, path, file)| {
+            let record = InputRecord::new(role, path, file.bytes());
+            file.release(0, file.bytes().len());
+            record
+        })
+        .collect()
 }
 
 /// llama-quantize's `tensor_allows_quantization`, for GGUF inputs: tensors it never converts.
@@ -584,6 +637,7 @@ fn plan_gguf(
         tied_embeddings: !candidates.iter().any(|c| c.name == "output.weight"),
         imatrix: imatrix.is_some(),
     };
+    let inputs = hash_files(vec![("gguf", gguf.path(), gguf.file())]);
     let source = Input::Gguf(gguf);
     let tensors = decide(recipe, &source, candidates, &model, imatrix, true)?;
     let Input::Gguf(gguf) = &source else {
@@ -599,7 +653,9 @@ fn plan_gguf(
         .metadata()
         .iter()
         .filter(|(k, _)| {
+            // A previous build's provenance would describe another artifact.
             !k.starts_with("split.")
+                && !k.starts_with("kiln.")
                 && k != "general.alignment"
                 && k != "general.quantization_version"
                 && k != "general.file_type"
@@ -630,6 +686,12 @@ fn plan_gguf(
         tensors,
         metadata,
         alignment: recipe.alignment,
+        inputs,
+        recipe: RecipeRecord {
+            xxh3: String::new(),
+            normalized: String::new(),
+        },
+        provenance: false,
         source,
     })
 }

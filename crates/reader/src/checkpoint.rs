@@ -188,6 +188,11 @@ impl Checkpoint {
         &self.folder
     }
 
+    /// The shard files with their mapped bytes, in visiting order.
+    pub fn shard_files(&self) -> impl Iterator<Item = (&Path, &MappedFile)> {
+        self.shards.iter().map(|s| (s.path.as_path(), &s.file))
+    }
+
     /// Paths of the shard files, in visiting order.
     pub fn shard_paths(&self) -> impl Iterator<Item = &Path> {
         self.shards.iter().map(|s| s.path.as_path())

@@ -49,6 +49,11 @@ impl GgufInput {
         })
     }
 
+    /// The mapped file.
+    pub fn file(&self) -> &MappedFile {
+        &self.file
+    }
+
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path

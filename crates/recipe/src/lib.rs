@@ -126,6 +126,10 @@ pub struct Recipe {
     pub allow_requantize: bool,
     /// Shape fallbacks, `(type, fallback)`.
     pub fallbacks: Vec<(GgmlType, GgmlType)>,
+    /// Whether to record provenance (`kiln.*` keys and a manifest).
+    pub provenance: bool,
+    /// The recipe as written (kept to record and rebuild it).
+    pub raw: raw::RecipeFile,
 }
 
 /// Per tensor, its (position, count) among the tensors a rule's names match, if it is one.
@@ -167,6 +171,7 @@ impl Recipe {
 
     /// Validates a parsed recipe.
     pub fn from_raw(raw: raw::RecipeFile, base: &Path) -> Result<Recipe, RecipeError> {
+        let original = raw.clone();
         if raw.kiln != RECIPE_VERSION {
             return Err(RecipeError::UnsupportedVersion(raw.kiln));
         }
@@ -213,6 +218,11 @@ impl Recipe {
             ));
         }
         let alignment = raw.output.as_ref().and_then(|o| o.alignment).unwrap_or(32);
+        let provenance = raw
+            .output
+            .as_ref()
+            .and_then(|o| o.provenance)
+            .unwrap_or(true);
         if alignment == 0 || !alignment.is_power_of_two() || alignment % 8 != 0 {
             return Err(RecipeError::InvalidAlignment(alignment));
         }
@@ -231,11 +241,30 @@ impl Recipe {
             require_imatrix,
             allow_requantize: raw.quantize.allow_requantize,
             fallbacks,
+            provenance,
+            raw: original,
         })
     }
 
     /// A recipe with a default type and no rules, as `kiln convert` uses.
     pub fn plain(default: TypeChoice) -> Recipe {
+        let raw = raw::RecipeFile {
+            kiln: RECIPE_VERSION,
+            input: None,
+            output: None,
+            quantize: raw::QuantizeSection {
+                default: default.to_string(),
+                file_type: None,
+                imatrix: None,
+                imatrix_include: Vec::new(),
+                imatrix_exclude: Vec::new(),
+                require_imatrix: Vec::new(),
+                allow_requantize: false,
+            },
+            rules: Vec::new(),
+            metadata: None,
+            fallback: Default::default(),
+        };
         Recipe {
             source: None,
             input: None,
@@ -251,7 +280,37 @@ impl Recipe {
             require_imatrix: Vec::new(),
             allow_requantize: false,
             fallbacks: Vec::new(),
+            provenance: true,
+            raw,
         }
+    }
+
+    /// Sets `general.name` (as `[metadata] name` would).
+    pub fn set_name(&mut self, name: &str) {
+        self.metadata.strings.retain(|(k, _)| k != "general.name");
+        self.metadata
+            .strings
+            .insert(0, ("general.name".into(), name.to_string()));
+        self.raw.metadata.get_or_insert_with(Default::default).name = Some(name.to_string());
+    }
+
+    /// Allows requantizing already-quantized inputs (as `quantize.allow-requantize` would).
+    pub fn set_allow_requantize(&mut self, allow: bool) {
+        self.allow_requantize = allow;
+        self.raw.quantize.allow_requantize = allow;
+    }
+
+    /// The recipe as canonical JSON without anything that depends on where files are: input,
+    /// output and imatrix paths are left out (the manifest records inputs by content instead).
+    /// Equal recipes give equal text, whatever the working directory or file locations.
+    pub fn normalized(&self) -> String {
+        let mut raw = self.raw.clone();
+        raw.input = None;
+        if let Some(out) = raw.output.as_mut() {
+            out.path = None;
+        }
+        raw.quantize.imatrix = None;
+        serde_json::to_string(&raw).unwrap_or_default()
     }
 
     /// Applies command-line overrides (they win over the recipe).

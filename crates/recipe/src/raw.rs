@@ -23,10 +23,10 @@
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A whole recipe file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RecipeFile {
     /// Recipe format version. Must be `1`.
@@ -50,7 +50,7 @@ pub struct RecipeFile {
 }
 
 /// `[input]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct InputSection {
     /// A Hugging Face checkpoint folder (sharded or not) or a single `.safetensors` file,
@@ -59,17 +59,21 @@ pub struct InputSection {
 }
 
 /// `[output]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct OutputSection {
     /// The GGUF file to write, relative to the recipe's folder unless absolute.
     pub path: Option<PathBuf>,
     /// Data alignment in bytes (default 32, the only value llama.cpp's tools preserve).
     pub alignment: Option<u64>,
+    /// Whether to record provenance in the artifact: `kiln.*` metadata keys (tool version, recipe
+    /// hash, input hash) and a manifest `<artifact>.kiln.json` beside it. Default `true`. With
+    /// `false`, the GGUF holds exactly what llama.cpp's tools would write.
+    pub provenance: Option<bool>,
 }
 
 /// `[quantize]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct QuantizeSection {
     /// Type for every tensor no rule matches: a ggml type name (`F32`, `F16`, `BF16`, `Q8_0`,
@@ -103,7 +107,7 @@ pub struct QuantizeSection {
 }
 
 /// One `[[rules]]` entry. Selectors are combined with AND; at least one is required.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RuleSection {
     /// Glob (or list of globs, any may match) over GGUF tensor names, e.g. `blk.*.ffn_down.weight`.
@@ -142,7 +146,7 @@ pub struct RuleSection {
 }
 
 /// `when`: conditions on the model being converted. All given conditions must hold.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct WhenSection {
     /// Grouped-query factor (`n_head / n_head_kv` of the first layer) at least this.
@@ -166,7 +170,7 @@ pub struct WhenSection {
 }
 
 /// `imatrix` of a rule: a boolean or `"optional"`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum ImatrixUse {
     /// `true` or `false`.
@@ -176,7 +180,7 @@ pub enum ImatrixUse {
 }
 
 /// A string or a list of strings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum OneOrMany {
     /// One value.
@@ -196,7 +200,7 @@ impl OneOrMany {
 }
 
 /// A layer selection: a range string or a list of layer numbers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum LayersSpec {
     /// `"3"`, `"0..4"`, `"0..=3"`, `"8.."`, `"..n/8"`, `"n/8..7*n/8"` (bounds are integer
@@ -208,7 +212,7 @@ pub enum LayersSpec {
 }
 
 /// `[metadata]`: `general.*` keys. Names follow llama.cpp's `general.*` keys with `_` written `-`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct MetadataSection {
     /// `general.name`. llama.cpp's converter derives it from the folder name; kiln never reads

@@ -127,6 +127,11 @@ impl GgufLayout {
         self.alignment
     }
 
+    /// The encoded header: magic, counts, metadata, tensor infos and the padding before the data.
+    pub fn header(&self) -> &[u8] {
+        &self.header
+    }
+
     /// Size of the header including the padding before the data section.
     pub fn data_offset(&self) -> u64 {
         self.header.len() as u64
