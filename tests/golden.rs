@@ -26,6 +26,7 @@ fn convert(ty: &str, threads: usize, chunk_bytes: usize) -> (tempfile::TempDir, 
     let options = BuildOptions {
         threads: Some(threads),
         chunk_bytes,
+        shard: None,
     };
     build(&plan, &options, &()).expect("build");
     let bytes = std::fs::read(&out).expect("output");

@@ -43,6 +43,7 @@ fn recipe_for(golden_file: &str, imatrix: &Imatrix, out: &Path) -> Recipe {
         input: Some(fixture("tiny-llama")),
         output: Some(out.to_path_buf()),
         imatrix,
+        ..Default::default()
     })
 }
 
@@ -214,6 +215,7 @@ fn requantizing_a_gguf_reproduces_llama_quantize_files() {
                 input: Some(bf16.clone()),
                 output: Some(out.clone()),
                 imatrix: None,
+                ..Default::default()
             });
         recipe.provenance = false;
         let p = plan(&recipe, &access()).expect("plan");
@@ -252,6 +254,7 @@ fn requantizing_a_quantized_gguf_needs_permission() {
             input: Some(q8.clone()),
             output: Some(out.clone()),
             imatrix: None,
+            ..Default::default()
         });
     match plan(&recipe, &access()) {
         Err(kiln_pipeline::PipelineError::RequantizeNotAllowed { from, .. }) => {
@@ -286,6 +289,7 @@ fn tiny_bert_fallbacks_match_llama_quantize() {
                 input: Some(repo().join("fixtures/golden/tiny-bert-f16.gguf")),
                 output: Some(out.clone()),
                 imatrix: None,
+                ..Default::default()
             });
         recipe.provenance = false;
         let p = plan(&recipe, &access()).expect("plan");
@@ -332,6 +336,7 @@ fn imatrix_types_are_refused_without_one() {
                 input: Some(fixture("tiny-llama")),
                 output: Some(dir.path().join("x.gguf")),
                 imatrix: None,
+                ..Default::default()
             });
         match plan(&recipe, &access()) {
             Err(kiln_pipeline::PipelineError::ImatrixRequired {
@@ -352,6 +357,7 @@ fn imatrix_types_are_refused_without_one() {
             input: Some(fixture("tiny-llama")),
             output: Some(dir.path().join("x.gguf")),
             imatrix: None,
+            ..Default::default()
         });
     assert!(plan(&recipe, &access()).is_ok());
 }

@@ -249,3 +249,228 @@ fn killed_builds_leave_no_finished_looking_artifact() {
     convert(dir.path(), &fixture("tiny-llama"), &out, "q8_0", 2);
     assert!(verify(&out, None, &access()).expect("verify").ok);
 }
+
+fn build_with(
+    recipe: kiln_pipeline::Recipe,
+    shard: Option<(usize, usize)>,
+) -> kiln_pipeline::Report {
+    let plan = kiln_pipeline::plan(&recipe, &access()).expect("plan");
+    let options = kiln_pipeline::BuildOptions {
+        shard,
+        ..Default::default()
+    };
+    kiln_pipeline::build(&plan, &options, &()).expect("build")
+}
+
+fn preset(
+    name: &str,
+    input: &Path,
+    output: &Path,
+    split: Option<usize>,
+    provenance: bool,
+) -> kiln_pipeline::Recipe {
+    let mut r = kiln_recipe::presets::get(name)
+        .expect("preset")
+        .expect("parses")
+        .with_overrides(&kiln_pipeline::Overrides {
+            input: Some(input.to_path_buf()),
+            output: Some(output.to_path_buf()),
+            split_max_tensors: split,
+            ..Default::default()
+        });
+    r.provenance = provenance;
+    r
+}
+
+/// kiln's BF16 conversion of the fixture, identical to convert_hf_to_gguf.py's (the input of
+/// llama.cpp's goldens), optionally split.
+fn bf16_gguf(dir: &Path, split: Option<usize>) -> PathBuf {
+    let out = dir.join("bf16.gguf");
+    let text = format!(
+        "kiln = 1\n[input]\npath = {:?}\n[output]\npath = {out:?}\nprovenance = false\n{}[quantize]\ndefault = \"bf16\"\n[metadata]\nname = \"Tiny Llama\"\n",
+        fixture("tiny-llama"),
+        split.map(|n| format!("split-max-tensors = {n}\n")).unwrap_or_default()
+    );
+    let recipe = kiln_pipeline::Recipe::from_toml(&text, Path::new(".")).expect("recipe");
+    let report = build_with(recipe, None);
+    report.files[0].path.clone()
+}
+
+#[test]
+fn split_output_is_byte_identical_to_gguf_split() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bf16 = bf16_gguf(dir.path(), None);
+    let report = build_with(
+        preset(
+            "Q4_K_M",
+            &bf16,
+            &dir.path().join("split-Q4_K_M.gguf"),
+            Some(20),
+            false,
+        ),
+        None,
+    );
+    let golden = golden("tiny-llama");
+    assert_eq!(report.files.len(), 3);
+    for (i, f) in report.files.iter().enumerate() {
+        let name = format!("split-Q4_K_M-0000{}-of-00003.gguf", i + 1);
+        assert_eq!(
+            f.path.file_name().and_then(|n| n.to_str()),
+            Some(name.as_str())
+        );
+        let bytes = std::fs::read(&f.path).expect("shard");
+        assert_eq!(
+            sha256_hex(&bytes),
+            golden[&name]["file_sha256"].as_str().expect("sha"),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn split_checkpoint_build_has_golden_tensors_and_split_keys_and_verifies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report = build_with(
+        preset(
+            "Q4_K_M",
+            &fixture("tiny-llama"),
+            &dir.path().join("model.gguf"),
+            Some(20),
+            true,
+        ),
+        None,
+    );
+    let golden = golden("tiny-llama");
+    let mut expected = std::collections::BTreeMap::new();
+    for i in 1..=3 {
+        for t in golden[format!("split-Q4_K_M-0000{i}-of-00003.gguf")]["tensors"]
+            .as_array()
+            .expect("tensors")
+        {
+            expected.insert(
+                t["name"].as_str().expect("name").to_string(),
+                t["sha256"].as_str().expect("sha").to_string(),
+            );
+        }
+    }
+    let mut seen = 0;
+    for (i, f) in report.files.iter().enumerate() {
+        let bytes = std::fs::read(&f.path).expect("shard");
+        let file = kiln_reader::gguf::GgufFile::parse(&bytes).expect("parse");
+        let g = &golden[format!("split-Q4_K_M-0000{}-of-00003.gguf", i + 1)]["metadata"];
+        for key in ["split.no", "split.count", "split.tensors.count"] {
+            assert!(
+                meta_matches(file.get(key).expect(key), &g[key]),
+                "shard {i}: {key}"
+            );
+        }
+        for (j, t) in file.tensors.iter().enumerate() {
+            assert_eq!(
+                sha256_hex(file.tensor_data(j).expect("data")),
+                expected[&t.name],
+                "{}",
+                t.name
+            );
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 57);
+    let manifest = report.manifest.expect("manifest");
+    assert_eq!(
+        manifest.file_name().and_then(|n| n.to_str()),
+        Some("model.kiln.json")
+    );
+    for f in &report.files {
+        let v = verify(&f.path, None, &access()).expect("verify");
+        assert!(v.ok && v.files == 3, "{:?}", v.failures);
+    }
+}
+
+#[test]
+fn shard_builds_equal_the_single_build_and_their_manifests_merge() {
+    let full_dir = tempfile::tempdir().expect("tempdir");
+    let full = build_with(
+        preset(
+            "Q4_K_M",
+            &fixture("tiny-llama"),
+            &full_dir.path().join("model.gguf"),
+            Some(20),
+            true,
+        ),
+        None,
+    );
+    let mut manifests = Vec::new();
+    let dirs: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    for (i, dir) in dirs.iter().enumerate().rev() {
+        let one = build_with(
+            preset(
+                "Q4_K_M",
+                &fixture("tiny-llama"),
+                &dir.path().join("model.gguf"),
+                Some(20),
+                true,
+            ),
+            Some((i + 1, 3)),
+        );
+        assert_eq!(one.files.len(), 1);
+        let ours = std::fs::read(&one.files[0].path).expect("shard");
+        assert!(
+            ours == std::fs::read(&full.files[i].path).expect("full shard"),
+            "shard {} differs",
+            i + 1
+        );
+        manifests.push(one.manifest.expect("shard manifest"));
+    }
+    let merged = kiln_pipeline::verify::merge_manifests(&manifests).expect("merge");
+    let single = std::fs::read_to_string(full.manifest.expect("manifest")).expect("read");
+    assert_eq!(
+        merged.to_json(),
+        single,
+        "merged manifest differs from the single build's"
+    );
+    let wrong = kiln_pipeline::plan(
+        &preset(
+            "Q4_K_M",
+            &fixture("tiny-llama"),
+            &dirs[0].path().join("x.gguf"),
+            Some(20),
+            true,
+        ),
+        &access(),
+    )
+    .and_then(|p| {
+        kiln_pipeline::build(
+            &p,
+            &kiln_pipeline::BuildOptions {
+                shard: Some((1, 4)),
+                ..Default::default()
+            },
+            &(),
+        )
+    });
+    assert!(matches!(
+        wrong,
+        Err(kiln_pipeline::PipelineError::BadShard { .. })
+    ));
+}
+
+#[test]
+fn split_inputs_are_read_as_one_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = bf16_gguf(dir.path(), Some(20));
+    assert!(first
+        .to_string_lossy()
+        .ends_with("bf16-00001-of-00003.gguf"));
+    let out = dir.path().join("q4.gguf");
+    let report = build_with(preset("Q4_K_M", &first, &out, None, false), None);
+    let golden = golden("tiny-llama");
+    let bytes = std::fs::read(&report.files[0].path).expect("output");
+    assert_eq!(
+        sha256_hex(&bytes),
+        golden["quant-Q4_K_M.gguf"]["file_sha256"]
+            .as_str()
+            .expect("sha")
+    );
+}

@@ -100,6 +100,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manifest tools.
+    #[command(subcommand)]
+    Manifest(ManifestCommand),
     /// Describe a GGUF file, a .safetensors file or a checkpoint folder.
     Inspect {
         /// The file or folder.
@@ -110,6 +113,19 @@ enum Command {
         /// Print every metadata array in full.
         #[arg(long)]
         full: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ManifestCommand {
+    /// Combine the manifests of `kiln build --shard I/N` runs into the manifest of the whole
+    /// split artifact (the same bytes a single-machine build writes).
+    Merge {
+        /// The shard manifests, in any order.
+        manifests: Vec<PathBuf>,
+        /// Where to write the merged manifest.
+        #[arg(long, short)]
+        output: PathBuf,
     },
 }
 
@@ -124,10 +140,20 @@ struct IoOverrides {
     /// Importance matrix, llama.cpp GGUF or legacy .dat (overrides the recipe's quantize.imatrix).
     #[arg(long)]
     imatrix: Option<PathBuf>,
+    /// Split the output into shards of at most N tensors (gguf-split's --split-max-tensors).
+    #[arg(long, conflicts_with = "split_max_size")]
+    split_max_tensors: Option<usize>,
+    /// Split the output into shards of at most SIZE bytes of tensor data, e.g. 2G or 500M.
+    #[arg(long)]
+    split_max_size: Option<String>,
 }
 
 #[derive(Debug, Args)]
 struct RunOptions {
+    /// Build only shard I of N of a split output (1-based, e.g. 2/3): the same bytes as that
+    /// shard of a full build. Combine the shard manifests with `kiln manifest merge`.
+    #[arg(long, value_parser = parse_shard)]
+    shard: Option<(usize, usize)>,
     /// Worker threads (default: all cores, or RAYON_NUM_THREADS). The output does not depend on it.
     #[arg(long)]
     threads: Option<usize>,
@@ -215,6 +241,7 @@ fn run(cli: Cli) -> Result<(), PipelineError> {
                 input: Some(input),
                 output: Some(output),
                 imatrix,
+                ..Default::default()
             });
             if let Some(name) = name {
                 recipe.set_name(&name);
@@ -273,6 +300,11 @@ fn run(cli: Cli) -> Result<(), PipelineError> {
                 std::process::exit(1);
             }
         }
+        Command::Manifest(ManifestCommand::Merge { manifests, output }) => {
+            let merged = kiln_pipeline::verify::merge_manifests(&manifests)?;
+            kiln_pipeline::verify::write_manifest_file(&output, &merged)?;
+            Ok(())
+        }
         Command::Inspect { path, json, full } => {
             let inspection = kiln_pipeline::inspect(&path, &access)?;
             output::inspection(&inspection, json, full);
@@ -281,11 +313,26 @@ fn run(cli: Cli) -> Result<(), PipelineError> {
     }
 }
 
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let (i, n) = s.split_once('/').ok_or("expected I/N, e.g. 2/3")?;
+    let i = i
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{i}` is not a shard number"))?;
+    let n = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{n}` is not a shard count"))?;
+    Ok((i, n))
+}
+
 fn overrides(io: IoOverrides) -> Overrides {
     Overrides {
         input: io.input,
         output: io.output,
         imatrix: io.imatrix,
+        split_max_tensors: io.split_max_tensors,
+        split_max_size: io.split_max_size,
     }
 }
 
@@ -294,6 +341,7 @@ fn build(recipe: &Recipe, access: &MmapAccess, run: &RunOptions) -> Result<(), P
     let progress = progress::Bar::new(run.quiet);
     let options = BuildOptions {
         threads: run.threads,
+        shard: run.shard,
         ..BuildOptions::default()
     };
     let report = kiln_pipeline::build(&plan, &options, &progress)?;

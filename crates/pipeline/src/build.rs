@@ -2,7 +2,11 @@
 
 use std::borrow::Cow;
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use crate::provenance::{
+    FileRecord, Manifest, TensorRecord, MANIFEST_SUFFIX, MANIFEST_VERSION, TOOL,
+};
 use std::time::Instant;
 
 use kiln_arch::Transform;
@@ -36,6 +40,9 @@ pub struct BuildOptions {
     /// Target size of one unit of parallel work, in source bytes. Peak memory is about
     /// `2 × threads × chunk_bytes` (in flight) plus the output buffer, whatever the model size.
     pub chunk_bytes: usize,
+    /// Build only shard `I` of `N` (1-based) of a split output: the same bytes as that shard of a
+    /// full build, so shards can be built on different machines.
+    pub shard: Option<(usize, usize)>,
 }
 
 impl Default for BuildOptions {
@@ -43,6 +50,7 @@ impl Default for BuildOptions {
         BuildOptions {
             threads: None,
             chunk_bytes: 4 << 20,
+            shard: None,
         }
     }
 }
@@ -123,12 +131,35 @@ pub struct Report {
     pub seconds: f64,
     /// Per tensor, in file order.
     pub tensors: Vec<TensorReport>,
+    /// Every file written, in shard order.
+    pub files: Vec<OutputFile>,
     /// The manifest written beside the artifact, when provenance is on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub manifest: Option<PathBuf>,
 }
 
-/// Runs a plan: writes the artifact atomically and reports what was written.
+/// One file written by a build.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputFile {
+    /// Where it is.
+    pub path: PathBuf,
+    /// Its size.
+    pub bytes: u64,
+    /// xxh3-64 of the whole file, hex.
+    pub xxh3: String,
+}
+
+/// One output file to write: which tensors, with which metadata.
+struct Target {
+    path: PathBuf,
+    tensors: std::ops::Range<usize>,
+    layout: GgufLayout,
+    header: FileHeader,
+}
+
+/// Runs a plan: writes the artifact (one file, or every shard of a split output, or the one shard
+/// `options.shard` selects) through temporary files renamed into place only when all of them are
+/// complete, then the manifest, and reports what was written.
 pub fn build(
     plan: &BuildPlan,
     options: &BuildOptions,
@@ -145,81 +176,153 @@ pub fn build(
     })?;
     let threads = pool.current_num_threads();
 
-    let write_err = |source| PipelineError::Write {
-        path: plan.output.clone(),
-        source,
+    let write_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PipelineError::Write { path, source }
     };
-    let specs = plan
-        .tensors
-        .iter()
-        .map(|t| TensorSpec {
-            name: t.name.clone(),
-            ne: t.ne.clone(),
-            ty: t.ty,
-        })
-        .collect();
-    let layout =
-        GgufLayout::new(plan.metadata.clone(), specs, plan.alignment).map_err(write_err)?;
-    let header = FileHeader {
-        bytes: layout.data_offset(),
-        xxh3: crate::provenance::xxh3_hex(layout.header()),
+    let n = plan.tensors.len();
+    let sizes: Vec<u64> = plan.tensors.iter().map(|t| t.nbytes).collect();
+    let ranges = match plan.split {
+        Some(limit) => kiln_writer::split::plan_shards(&sizes, plan.alignment, limit),
+        // The whole output in one file.
+        None => std::iter::once(0..n).collect(),
     };
+    let count = ranges.len();
+    if plan.split.is_some() {
+        kiln_writer::split::check_split(count, n)
+            .map_err(|source| PipelineError::Split { source })?;
+    }
+    let selected: Vec<usize> = match options.shard {
+        None => (0..count).collect(),
+        Some((i, total)) => {
+            let problem = if plan.split.is_none() {
+                Some("the recipe does not split its output (set --split-max-tensors or --split-max-size)".to_string())
+            } else if total != count {
+                Some(format!("this build has {count} shards"))
+            } else if i == 0 || i > count {
+                Some(format!("shards are numbered 1 to {count}"))
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(PipelineError::BadShard {
+                    shard: i,
+                    count: total,
+                    problem,
+                });
+            }
+            vec![i - 1]
+        }
+    };
+    let mut targets = Vec::with_capacity(selected.len());
+    for &shard in &selected {
+        let range = ranges[shard].clone();
+        let (path, metadata) = match plan.split {
+            Some(_) => (
+                kiln_writer::split::shard_path(&plan.output, shard, count),
+                kiln_writer::split::shard_metadata(&plan.metadata, shard, count, n)
+                    .map_err(|source| PipelineError::Split { source })?,
+            ),
+            None => (plan.output.clone(), plan.metadata.clone()),
+        };
+        let specs = plan.tensors[range.clone()]
+            .iter()
+            .map(|t| TensorSpec {
+                name: t.name.clone(),
+                ne: t.ne.clone(),
+                ty: t.ty,
+            })
+            .collect();
+        let layout = GgufLayout::new(metadata, specs, plan.alignment).map_err(write_err(&path))?;
+        let header = FileHeader {
+            bytes: layout.data_offset(),
+            xxh3: crate::provenance::xxh3_hex(layout.header()),
+        };
+        targets.push(Target {
+            path,
+            tensors: range,
+            layout,
+            header,
+        });
+    }
 
-    let source_bytes: u64 = plan
-        .tensors
+    let source_bytes: u64 = targets
         .iter()
+        .flat_map(|t| plan.tensors[t.tensors.clone()].iter())
         .map(|t| plan.source.data(t.entry).len() as u64)
         .sum();
-    progress.begin(plan.tensors.len(), source_bytes);
-    let mut errors: Vec<ErrorSums> = Vec::with_capacity(plan.tensors.len());
-    let result = (|| -> Result<kiln_writer::WrittenFile, PipelineError> {
-        if let Some(dir) = plan.output.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                write_err(kiln_writer::WriteError::Io {
+    let written_tensors: usize = targets.iter().map(|t| t.tensors.len()).sum();
+    progress.begin(written_tensors, source_bytes);
+    let mut errors: Vec<ErrorSums> = Vec::with_capacity(written_tensors);
+    let result = (|| -> Result<Vec<kiln_writer::WrittenFile>, PipelineError> {
+        let mut pending = Vec::with_capacity(targets.len());
+        for target in &targets {
+            if let Some(dir) = target.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| PipelineError::Write {
                     path: dir.to_path_buf(),
-                    source: e,
-                })
-            })?;
+                    source: kiln_writer::WriteError::Io {
+                        path: dir.to_path_buf(),
+                        source: e,
+                    },
+                })?;
+            }
+            let mut file = AtomicFile::create(&target.path).map_err(write_err(&target.path))?;
+            let out = BufWriter::with_capacity(1 << 20, file.file());
+            let mut writer =
+                GgufWriter::new(out, target.layout.clone()).map_err(write_err(&target.path))?;
+            for (local, index) in target.tensors.clone().enumerate() {
+                let tensor = &plan.tensors[index];
+                progress.tensor(index, &tensor.name);
+                let tensor_errors = write_tensor(
+                    plan,
+                    tensor,
+                    local,
+                    &target.path,
+                    &mut writer,
+                    &pool,
+                    threads,
+                    options,
+                    progress,
+                )?;
+                errors.push(tensor_errors);
+            }
+            let (out, written) = writer.finish().map_err(write_err(&target.path))?;
+            out.into_inner()
+                .map_err(|e| {
+                    write_err(&target.path)(kiln_writer::WriteError::Stream(e.into_error()))
+                })?
+                .flush()
+                .map_err(|e| write_err(&target.path)(kiln_writer::WriteError::Stream(e)))?;
+            pending.push((file, written));
         }
-        let mut file = AtomicFile::create(&plan.output).map_err(write_err)?;
-        let out = BufWriter::with_capacity(1 << 20, file.file());
-        let mut writer = GgufWriter::new(out, layout).map_err(write_err)?;
-        for (index, tensor) in plan.tensors.iter().enumerate() {
-            progress.tensor(index, &tensor.name);
-            let tensor_errors = write_tensor(
-                plan,
-                tensor,
-                index,
-                &mut writer,
-                &pool,
-                threads,
-                options,
-                progress,
-            )?;
-            errors.push(tensor_errors);
+        // Every file is complete before any appears under its real name.
+        let mut done = Vec::with_capacity(pending.len());
+        for (file, written) in pending {
+            let path = file.destination().to_path_buf();
+            file.commit().map_err(write_err(&path))?;
+            done.push(written);
         }
-        let (out, written) = writer.finish().map_err(write_err)?;
-        out.into_inner()
-            .map_err(|e| write_err(kiln_writer::WriteError::Stream(e.into_error())))?
-            .flush()
-            .map_err(|e| write_err(kiln_writer::WriteError::Stream(e)))?;
-        file.commit().map_err(write_err)?;
-        Ok(written)
+        Ok(done)
     })();
     progress.finish();
     let written = result?;
     let manifest = if plan.provenance {
-        Some(write_manifest(plan, &written, &header)?)
+        Some(write_manifest(
+            plan,
+            &targets,
+            &written,
+            options.shard.is_some(),
+        )?)
     } else {
         None
     };
 
     let mut total = ErrorSums::default();
     errors.iter().for_each(|e| total.add(e));
-    let tensors = plan
-        .tensors
+    let tensors: Vec<TensorReport> = targets
         .iter()
-        .zip(&written.tensors)
+        .zip(&written)
+        .flat_map(|(target, w)| plan.tensors[target.tensors.clone()].iter().zip(&w.tensors))
         .zip(&errors)
         .map(|((t, w), e)| TensorReport {
             name: t.name.clone(),
@@ -235,18 +338,35 @@ pub fn build(
             weighted_rmse: (e.weights > 0.0).then(|| (e.weighted / e.weights).sqrt()),
         })
         .collect();
-    let parameters = plan.parameters();
+    let parameters: u64 = targets
+        .iter()
+        .flat_map(|t| plan.tensors[t.tensors.clone()].iter())
+        .map(TensorPlan::elements)
+        .sum();
+    let tensor_bytes: u64 = tensors.iter().map(|t| t.bytes).sum();
+    let files: Vec<OutputFile> = targets
+        .iter()
+        .zip(&written)
+        .map(|(t, w)| OutputFile {
+            path: t.path.clone(),
+            bytes: w.len,
+            xxh3: w.xxh3.to_string(),
+        })
+        .collect();
     Ok(Report {
-        output: plan.output.clone(),
-        file_bytes: written.len,
-        file_xxh3: written.xxh3.to_string(),
+        output: files
+            .first()
+            .map_or_else(|| plan.output.clone(), |f| f.path.clone()),
+        file_bytes: files.iter().map(|f| f.bytes).sum(),
+        file_xxh3: files.first().map(|f| f.xxh3.clone()).unwrap_or_default(),
         file_type: plan.file_type.name.to_string(),
         parameters,
-        bpw: plan.tensor_bytes() as f64 * 8.0 / parameters.max(1) as f64,
+        bpw: tensor_bytes as f64 * 8.0 / parameters.max(1) as f64,
         rmse: (total.squared / parameters.max(1) as f64).sqrt(),
         threads,
         seconds: started.elapsed().as_secs_f64(),
         tensors,
+        files,
         manifest,
     })
 }
@@ -256,56 +376,87 @@ struct FileHeader {
     xxh3: String,
 }
 
-/// Writes `<artifact>.kiln.json` (atomically, after the artifact itself is in place, so a
-/// manifest always describes a complete artifact).
+/// Where a build's manifest goes: `<artifact>.kiln.json`; for a split output
+/// `<prefix>.kiln.json` (one manifest for all shards); for a single-shard build
+/// `<shard file>.kiln.json` (merged later with `kiln manifest merge`).
+fn manifest_path(plan: &BuildPlan, targets: &[Target], shard_only: bool) -> PathBuf {
+    match (plan.split, targets.first()) {
+        (Some(_), Some(t)) if shard_only => Manifest::path_for(&t.path),
+        (Some(_), _) => {
+            let s = plan.output.to_string_lossy();
+            let prefix = s.strip_suffix(".gguf").unwrap_or(&s);
+            PathBuf::from(format!("{prefix}{MANIFEST_SUFFIX}"))
+        }
+        (None, _) => Manifest::path_for(&plan.output),
+    }
+}
+
+/// Writes the manifest (atomically, after the artifact files are in place, so a manifest always
+/// describes a complete artifact).
 fn write_manifest(
     plan: &BuildPlan,
-    written: &kiln_writer::WrittenFile,
-    header: &FileHeader,
+    targets: &[Target],
+    written: &[kiln_writer::WrittenFile],
+    shard_only: bool,
 ) -> Result<PathBuf, PipelineError> {
-    use crate::provenance::{FileRecord, Manifest, TensorRecord, MANIFEST_VERSION, TOOL};
+    let files = targets
+        .iter()
+        .zip(written)
+        .map(|(t, w)| FileRecord {
+            name: t
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            bytes: w.len,
+            xxh3: w.xxh3.to_string(),
+            header_bytes: t.header.bytes,
+            header_xxh3: t.header.xxh3.clone(),
+        })
+        .collect();
+    let tensors = targets
+        .iter()
+        .zip(written)
+        .enumerate()
+        .flat_map(|(file, (t, w))| {
+            plan.tensors[t.tensors.clone()]
+                .iter()
+                .zip(&w.tensors)
+                .map(move |(t, w)| TensorRecord {
+                    name: t.name.clone(),
+                    source: t.source_name.clone(),
+                    ty: t.ty.to_string(),
+                    shape: t.ne.clone(),
+                    file,
+                    offset: w.file_offset,
+                    bytes: w.nbytes,
+                    xxh3: w.xxh3.to_string(),
+                })
+        })
+        .collect();
     let manifest = Manifest {
         kiln_manifest: MANIFEST_VERSION,
         tool: TOOL.to_string(),
         recipe: plan.recipe.clone(),
         inputs: plan.inputs.clone(),
-        files: vec![FileRecord {
-            name: plan
-                .output
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            bytes: written.len,
-            xxh3: written.xxh3.to_string(),
-            header_bytes: header.bytes,
-            header_xxh3: header.xxh3.clone(),
-        }],
-        tensors: plan
-            .tensors
-            .iter()
-            .zip(&written.tensors)
-            .map(|(t, w)| TensorRecord {
-                name: t.name.clone(),
-                source: t.source_name.clone(),
-                ty: t.ty.to_string(),
-                shape: t.ne.clone(),
-                file: 0,
-                offset: w.file_offset,
-                bytes: w.nbytes,
-                xxh3: w.xxh3.to_string(),
-            })
-            .collect(),
+        files,
+        tensors,
     };
-    let path = Manifest::path_for(&plan.output);
-    let write_err = |source| PipelineError::Write {
+    let path = manifest_path(plan, targets, shard_only);
+    let mut file = AtomicFile::create(&path).map_err(|source| PipelineError::Write {
         path: path.clone(),
         source,
-    };
-    let mut file = AtomicFile::create(&path).map_err(write_err)?;
+    })?;
     file.file()
         .write_all(manifest.to_json().as_bytes())
-        .map_err(|e| write_err(kiln_writer::WriteError::Stream(e)))?;
-    file.commit().map_err(write_err)?;
+        .map_err(|e| PipelineError::Write {
+            path: path.clone(),
+            source: kiln_writer::WriteError::Stream(e),
+        })?;
+    file.commit().map_err(|source| PipelineError::Write {
+        path: path.clone(),
+        source,
+    })?;
     Ok(path)
 }
 
@@ -314,6 +465,7 @@ fn write_tensor<W: Write>(
     plan: &BuildPlan,
     tensor: &TensorPlan,
     index: usize,
+    output: &Path,
     writer: &mut GgufWriter<W>,
     pool: &rayon::ThreadPool,
     threads: usize,
@@ -345,7 +497,7 @@ fn write_tensor<W: Write>(
             writer
                 .write_tensor_chunk(index, &bytes)
                 .map_err(|source| PipelineError::Write {
-                    path: plan.output.clone(),
+                    path: output.to_path_buf(),
                     source,
                 })?;
             progress.advance((end - start) * src_row_bytes);
@@ -366,7 +518,7 @@ fn write_tensor<W: Write>(
         writer
             .write_tensor(index, &[])
             .map_err(|source| PipelineError::Write {
-                path: plan.output.clone(),
+                path: output.to_path_buf(),
                 source,
             })?;
     }

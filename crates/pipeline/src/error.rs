@@ -143,6 +143,33 @@ pub enum PipelineError {
         /// Weights present.
         actual: u64,
     },
+    /// A split GGUF input is inconsistent.
+    #[error("{path}: {source}")]
+    SplitInput {
+        /// The file given.
+        path: PathBuf,
+        /// What is wrong.
+        source: Box<kiln_reader::split::SplitReadError>,
+    },
+    /// The split setting is invalid.
+    #[error("split: {source}")]
+    Split {
+        /// What is wrong.
+        source: kiln_writer::split::SplitError,
+    },
+    /// `--shard I/N` does not fit the plan.
+    #[error("--shard {shard}/{count}: {problem}")]
+    BadShard {
+        /// I.
+        shard: usize,
+        /// N.
+        count: usize,
+        /// What is wrong.
+        problem: String,
+    },
+    /// Manifests cannot be merged.
+    #[error("cannot merge manifests: {0}")]
+    ManifestMerge(String),
     /// A manifest cannot be read.
     #[error("{path}: not a kiln manifest: {message}")]
     BadManifest {

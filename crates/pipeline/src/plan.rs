@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kiln_arch::{HParams, Mapped, MetadataInputs, ParamCounts, SideFiles, Transform};
-use kiln_reader::{Checkpoint, GgufInput, MmapAccess};
+use kiln_reader::{Checkpoint, MmapAccess};
 use kiln_recipe::{ModelFacts, Recipe, TensorNames, TypeChoice};
 use kiln_types::{FileType, GgmlType, MetaArray, MetaValue};
 
@@ -112,6 +112,8 @@ pub struct BuildPlan {
     pub recipe: RecipeRecord,
     /// Whether a manifest is written beside the artifact.
     pub provenance: bool,
+    /// How the output is split into shards, if it is.
+    pub split: Option<kiln_writer::split::SplitLimit>,
     pub(crate) source: Input,
 }
 
@@ -166,6 +168,14 @@ pub fn plan(recipe: &Recipe, access: &MmapAccess) -> Result<BuildPlan, PipelineE
         normalized,
     };
     planned.provenance = recipe.provenance;
+    planned.split = match recipe.split() {
+        (Some(n), _) => Some(kiln_writer::split::SplitLimit::MaxTensors(n)),
+        (None, Some(size)) => Some(kiln_writer::split::SplitLimit::MaxBytes(
+            kiln_writer::split::parse_size(size)
+                .map_err(|source| PipelineError::Split { source })?,
+        )),
+        (None, None) => None,
+    };
     if recipe.provenance {
         let keys = kiln_keys(&planned.recipe.xxh3, &planned.inputs);
         planned
@@ -516,6 +526,7 @@ fn plan_checkpoint(
             normalized: String::new(),
         },
         provenance: false,
+        split: None,
         source,
     })
 }
@@ -588,7 +599,12 @@ fn plan_gguf(
     input: &Path,
     imatrix: Option<&LoadedImatrix>,
 ) -> Result<BuildPlan, PipelineError> {
-    let gguf = GgufInput::open(access, input)?;
+    let gguf = kiln_reader::split::SplitGguf::open(access, input).map_err(|source| {
+        PipelineError::SplitInput {
+            path: input.to_path_buf(),
+            source: Box::new(source),
+        }
+    })?;
     let arch = gguf
         .get("general.architecture")
         .and_then(MetaValue::as_str)
@@ -600,7 +616,10 @@ fn plan_gguf(
             .map(|v| v as u32)
     };
     let mut candidates = Vec::new();
-    for (index, t) in gguf.tensors().iter().enumerate() {
+    for index in 0..gguf.tensors().len() {
+        let Some(t) = gguf.tensor_info(index) else {
+            continue;
+        };
         if t.nbytes.is_none() {
             return Err(PipelineError::UnsupportedType {
                 tensor: t.name.clone(),
@@ -637,7 +656,13 @@ fn plan_gguf(
         tied_embeddings: !candidates.iter().any(|c| c.name == "output.weight"),
         imatrix: imatrix.is_some(),
     };
-    let inputs = hash_files(vec![("gguf", gguf.path(), gguf.file())]);
+    let inputs = hash_files(
+        gguf.paths()
+            .iter()
+            .zip(gguf.shards())
+            .map(|(path, shard)| ("gguf", path.as_path(), shard.file()))
+            .collect(),
+    );
     let source = Input::Gguf(gguf);
     let tensors = decide(recipe, &source, candidates, &model, imatrix, true)?;
     let Input::Gguf(gguf) = &source else {
@@ -692,6 +717,7 @@ fn plan_gguf(
             normalized: String::new(),
         },
         provenance: false,
+        split: None,
         source,
     })
 }

@@ -114,13 +114,115 @@ pub fn read_manifest(path: &Path) -> Result<Manifest, PipelineError> {
     })
 }
 
-/// Checks `artifact` against its manifest (`manifest`, or `<artifact>.kiln.json`).
+/// The manifest of an artifact: `<artifact>.kiln.json`, or for a shard of a split output
+/// (`<prefix>-0000N-of-0000M.gguf`) the split's `<prefix>.kiln.json` when the former is absent.
+pub fn default_manifest(artifact: &Path) -> PathBuf {
+    let own = Manifest::path_for(artifact);
+    if own.exists() {
+        return own;
+    }
+    match split_prefix(&artifact.to_string_lossy()) {
+        Some(prefix) => PathBuf::from(format!("{prefix}{}", crate::provenance::MANIFEST_SUFFIX)),
+        None => own,
+    }
+}
+
+/// `model` for `model-00002-of-00003.gguf`; `None` for names without a shard suffix.
+fn split_prefix(name: &str) -> Option<String> {
+    let stem = name.strip_suffix(".gguf")?;
+    let parts: Vec<&str> = stem.rsplitn(4, '-').collect();
+    match parts.as_slice() {
+        [count, "of", no, prefix]
+            if count.len() == 5
+                && no.len() == 5
+                && count.chars().chain(no.chars()).all(|c| c.is_ascii_digit()) =>
+        {
+            Some((*prefix).to_string())
+        }
+        _ => None,
+    }
+}
+
+/// Combines the manifests of single-shard builds (`--shard I/N`) into the manifest of the whole
+/// split artifact. They must record the same tool, recipe and inputs; files are ordered by name
+/// (`-00001-of-…` first) and tensors follow their files.
+pub fn merge_manifests(paths: &[PathBuf]) -> Result<Manifest, PipelineError> {
+    let mut manifests = paths
+        .iter()
+        .map(|p| read_manifest(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let Some(first) = manifests.first().cloned() else {
+        return Err(PipelineError::ManifestMerge("no manifests given".into()));
+    };
+    for (m, p) in manifests.iter().zip(paths) {
+        if m.kiln_manifest != first.kiln_manifest || m.tool != first.tool {
+            return Err(PipelineError::ManifestMerge(format!(
+                "{}: written by another kiln",
+                p.display()
+            )));
+        }
+        if m.recipe != first.recipe {
+            return Err(PipelineError::ManifestMerge(format!(
+                "{}: records another recipe",
+                p.display()
+            )));
+        }
+        if m.inputs != first.inputs {
+            return Err(PipelineError::ManifestMerge(format!(
+                "{}: records other inputs",
+                p.display()
+            )));
+        }
+    }
+    manifests.sort_by(|a, b| {
+        let name = |m: &Manifest| m.files.first().map(|f| f.name.clone()).unwrap_or_default();
+        name(a).cmp(&name(b))
+    });
+    let mut merged = Manifest {
+        files: Vec::new(),
+        tensors: Vec::new(),
+        ..first
+    };
+    for m in manifests {
+        let base = merged.files.len();
+        for f in m.files {
+            if merged.files.iter().any(|g| g.name == f.name) {
+                return Err(PipelineError::ManifestMerge(format!(
+                    "{} appears twice",
+                    f.name
+                )));
+            }
+            merged.files.push(f);
+        }
+        merged.tensors.extend(m.tensors.into_iter().map(|mut t| {
+            t.file += base;
+            t
+        }));
+    }
+    Ok(merged)
+}
+
+/// Writes a manifest atomically.
+pub fn write_manifest_file(path: &Path, manifest: &Manifest) -> Result<(), PipelineError> {
+    use std::io::Write;
+    let err = |source| PipelineError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = kiln_writer::AtomicFile::create(path).map_err(err)?;
+    file.file()
+        .write_all(manifest.to_json().as_bytes())
+        .map_err(|e| err(kiln_writer::WriteError::Stream(e)))?;
+    file.commit().map_err(err)
+}
+
+/// Checks `artifact` against its manifest (`manifest`, or [`default_manifest`]).
 pub fn verify(
     artifact: &Path,
     manifest: Option<&Path>,
     access: &MmapAccess,
 ) -> Result<VerifyReport, PipelineError> {
-    let manifest_path = manifest.map_or_else(|| Manifest::path_for(artifact), Path::to_path_buf);
+    let manifest_path = manifest.map_or_else(|| default_manifest(artifact), Path::to_path_buf);
     let m = read_manifest(&manifest_path)?;
     let folder = artifact.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut failures = Vec::new();
@@ -152,7 +254,11 @@ pub fn verify(
                 actual: header.unwrap_or_else(|| "missing".into()),
             });
         }
-        if let Ok(gguf) = kiln_reader::gguf::GgufFile::parse(bytes) {
+        // Only the first file carries metadata; later shards hold just the split keys.
+        if let Some(gguf) = (index == 0)
+            .then(|| kiln_reader::gguf::GgufFile::parse(bytes).ok())
+            .flatten()
+        {
             let stored = gguf
                 .get("kiln.recipe.xxh3")
                 .and_then(|v| v.as_str())
@@ -214,7 +320,7 @@ pub fn verify_rebuild(
     options: &BuildOptions,
     access: &MmapAccess,
 ) -> Result<VerifyReport, PipelineError> {
-    let manifest_path = manifest.map_or_else(|| Manifest::path_for(artifact), Path::to_path_buf);
+    let manifest_path = manifest.map_or_else(|| default_manifest(artifact), Path::to_path_buf);
     let m = read_manifest(&manifest_path)?;
     let raw: kiln_recipe::raw::RecipeFile =
         serde_json::from_str(&m.recipe.normalized).map_err(|e| PipelineError::BadManifest {
@@ -233,10 +339,13 @@ pub fn verify_rebuild(
             source: e,
         })?;
     let name = m.files.first().map(|f| f.name.clone()).unwrap_or_default();
+    // A split artifact is rebuilt from its prefix, as it was built.
+    let output_name = split_prefix(&name).map_or_else(|| name.clone(), |p| format!("{p}.gguf"));
     let recipe = Recipe::from_raw(raw, Path::new(""))?.with_overrides(&Overrides {
         input: Some(input.to_path_buf()),
-        output: Some(scratch.path().join(&name)),
+        output: Some(scratch.path().join(output_name)),
         imatrix: imatrix.map(Path::to_path_buf),
+        ..Default::default()
     });
     let rebuilt_plan = plan(&recipe, access)?;
     let mut failures = Vec::new();
@@ -255,14 +364,11 @@ pub fn verify_rebuild(
     }
     if failures.is_empty() {
         build(&rebuilt_plan, options, &())?;
-        let rebuilt = verify(
-            &scratch.path().join(&name),
-            Some(&Manifest::path_for(&scratch.path().join(&name))),
-            access,
-        )?;
+        let rebuilt_first = scratch.path().join(&name);
+        let rebuilt = verify(&rebuilt_first, None, access)?;
         failures.extend(rebuilt.failures);
         // The rebuilt manifest must describe the same bytes as the recorded one.
-        let again = read_manifest(&Manifest::path_for(&scratch.path().join(&name)))?;
+        let again = read_manifest(&default_manifest(&rebuilt_first))?;
         for (a, b) in m.tensors.iter().zip(&again.tensors) {
             if a != b {
                 failures.push(VerifyFailure::TensorMismatch {

@@ -93,6 +93,10 @@ pub struct Overrides {
     pub output: Option<PathBuf>,
     /// `--imatrix`.
     pub imatrix: Option<PathBuf>,
+    /// `--split-max-tensors`.
+    pub split_max_tensors: Option<usize>,
+    /// `--split-max-size`.
+    pub split_max_size: Option<String>,
 }
 
 /// A validated recipe.
@@ -324,7 +328,28 @@ impl Recipe {
         if let Some(p) = &overrides.imatrix {
             self.imatrix = Some(p.clone());
         }
+        // Splitting changes the output bytes, so it is part of the recorded recipe.
+        if overrides.split_max_tensors.is_some() || overrides.split_max_size.is_some() {
+            let out = self.raw.output.get_or_insert(raw::OutputSection {
+                path: None,
+                alignment: None,
+                provenance: None,
+                split_max_tensors: None,
+                split_max_size: None,
+            });
+            out.split_max_tensors = overrides.split_max_tensors;
+            out.split_max_size = overrides.split_max_size.clone();
+        }
         self
+    }
+
+    /// The split setting: at most this many tensors, or at most this size, per shard.
+    pub fn split(&self) -> (Option<usize>, Option<&str>) {
+        let out = self.raw.output.as_ref();
+        (
+            out.and_then(|o| o.split_max_tensors),
+            out.and_then(|o| o.split_max_size.as_deref()),
+        )
     }
 
     /// The fallback listed for `ty`, if any.

@@ -70,6 +70,12 @@ pub struct OutputSection {
     /// hash, input hash) and a manifest `<artifact>.kiln.json` beside it. Default `true`. With
     /// `false`, the GGUF holds exactly what llama.cpp's tools would write.
     pub provenance: Option<bool>,
+    /// Split the output into shards of at most this many tensors, as llama.cpp's
+    /// `gguf-split --split-max-tensors` (files `<name>-0000N-of-0000M.gguf`).
+    pub split_max_tensors: Option<usize>,
+    /// Split the output into shards of at most this size (`500M`, `2G`: decimal units, counting
+    /// tensor data as `gguf-split --split-max-size` does).
+    pub split_max_size: Option<String>,
 }
 
 /// `[quantize]`

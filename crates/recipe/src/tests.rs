@@ -372,6 +372,7 @@ fn overrides_win() {
         input: Some("/elsewhere".into()),
         output: None,
         imatrix: None,
+        ..Default::default()
     });
     assert_eq!(r.input.as_deref(), Some(Path::new("/elsewhere")));
     assert_eq!(r.output.as_deref(), Some(Path::new("/recipes/out.gguf")));
