@@ -65,11 +65,11 @@ enum Command {
         #[command(flatten)]
         run: RunOptions,
     },
-    /// Check an artifact against its manifest (<artifact>.kiln.json), or rebuild it and compare.
+    /// Check an artifact against its manifest (ARTIFACT.kiln.json), or rebuild it and compare.
     Verify {
         /// The artifact (GGUF).
         artifact: PathBuf,
-        /// The manifest (default: <artifact>.kiln.json).
+        /// The manifest (default: ARTIFACT.kiln.json).
         #[arg(long)]
         manifest: Option<PathBuf>,
         /// Rebuild from the recorded recipe and the given inputs, and compare byte for byte.
