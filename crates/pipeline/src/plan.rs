@@ -536,11 +536,7 @@ fn hash_files(files: Vec<(&str, &Path, &kiln_reader::MappedFile)>) -> Vec<InputR
     use rayon::prelude::*;
     files
         .par_iter()
-        .map(|(role, path, file)| {
-            let record = InputRecord::new(role, path, file.bytes());
-            file.release(0, file.bytes().len());
-            record
-        })
+        .map(|(role, path, file)| InputRecord::from_mapped(role, path, file))
         .collect()
 }
 

@@ -44,6 +44,31 @@ pub struct InputRecord {
 }
 
 impl InputRecord {
+    /// Hashes a mapped file in 16 MiB pieces, letting each piece's pages go once hashed, so
+    /// hashing a large shard never makes it resident as a whole.
+    pub(crate) fn from_mapped(
+        role: &str,
+        path: &Path,
+        file: &kiln_reader::MappedFile,
+    ) -> InputRecord {
+        const PIECE: usize = 16 << 20;
+        let bytes = file.bytes();
+        let mut hasher = Xxh3::new();
+        for (i, piece) in bytes.chunks(PIECE).enumerate() {
+            hasher.update(piece);
+            file.release(i * PIECE, piece.len());
+        }
+        InputRecord {
+            role: role.to_string(),
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            bytes: bytes.len() as u64,
+            xxh3: format!("{:016x}", hasher.digest()),
+        }
+    }
+
     pub(crate) fn new(role: &str, path: &Path, bytes: &[u8]) -> InputRecord {
         InputRecord {
             role: role.to_string(),
