@@ -116,6 +116,54 @@ mod tests {
         }
     }
 
+    /// Every kernel, fed NaN, infinities, extremes, subnormals and signed zeros (with and without
+    /// importance weights, themselves extreme), returns without panicking and decodes its own
+    /// output. (The values need not be meaningful; ggml aborts on such inputs.)
+    #[test]
+    fn every_kernel_survives_extreme_inputs() {
+        let specials = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            -f32::MAX,
+            f32::MIN_POSITIVE,
+            1.0e-45,
+            0.0,
+            -0.0,
+            1.0,
+        ];
+        let n = 256;
+        for (a, &s) in specials.iter().enumerate() {
+            let mixed: Vec<f32> = (0..n)
+                .map(|i| {
+                    if i % 7 == a % 7 {
+                        s
+                    } else {
+                        specials[(i + a) % specials.len()]
+                    }
+                })
+                .collect();
+            let weights: Vec<f32> = (0..n)
+                .map(|i| specials[(i * 3 + a) % specials.len()].abs())
+                .collect();
+            let uniform = vec![s; n];
+            for k in kernels() {
+                let mut out = vec![0u8; k.row_bytes(n).expect("256 fits every block size")];
+                let mut back = vec![0.0f32; n];
+                for (x, w) in [
+                    (&mixed, None),
+                    (&mixed, Some(&weights)),
+                    (&uniform, Some(&uniform)),
+                ] {
+                    let w = w.or(k.requires_imatrix.then_some(&weights));
+                    quantize_rows(k.ty, x, n, w.map(Vec::as_slice), &mut out).expect("quantize");
+                    dequantize_rows(k.ty, &out, &mut back).expect("dequantize");
+                }
+            }
+        }
+    }
+
     #[test]
     fn q8_0_known_block() {
         let mut x = [0.0f32; 32];

@@ -8,7 +8,7 @@ use kiln_types::GgmlType;
 use super::lattice::{Grid, IQ2XXS_GRID, KSIGNS_IQ2XS};
 use super::{fit, fold_signs, imatrix_weights, max_f32, scale_code, sum_squares, QK_K};
 use crate::blocks::Block;
-use crate::scalar::{f16_bits_to_f32, f32_to_f16_bits, nearest_int};
+use crate::scalar::{f16_bits_to_f32, f32_to_f16_bits};
 
 /// `block_iq2_xxs` (66 bytes).
 #[repr(C)]
@@ -141,81 +141,12 @@ fn quantize_block(x: &[f32], qw: Option<&[f32]>) -> BlockIq2Xxs {
 
 /// The scale `make_qp_quants(32, 4, xval, L, weight)` returns (IQ2_XXS only needs the scale).
 ///
-/// A private copy of ggml's function, kept here rather than shared with `search.rs` because of a
-/// quirk that matters only to IQ2_XXS: the levels live in a `u8` array, so the level of the one
-/// parity-negated (negative) value wraps (−1 → 255, …) wherever it is stored, and later steps
-/// read the wrapped value, while the running sums are formed from the unwrapped `int`.
+/// The levels live in a `u8` array, so the level of the one parity-negated (negative) value wraps
+/// (−1 → 255, …) and later refinement steps read the wrapped value; the shared helper reproduces
+/// that, and the `u8` wrap regression test pins it down.
 fn qp_scale(x: &[f32], w: &[f32]) -> f32 {
-    const NMAX: i32 = 4;
-    let max = x.iter().fold(0.0f32, |m, &v| max_f32(m, v));
-    if max < 1e-15 {
-        return 0.0;
-    }
-    let mut iscale = NMAX as f32 / max;
-    let mut stored = [0u8; 32];
-    for (l, &v) in stored.iter_mut().zip(x) {
-        *l = nearest_int(iscale * v) as u8;
-    }
-    let scale = 1.0 / iscale;
-    let mut best_mse = x
-        .iter()
-        .zip(w)
-        .zip(&stored)
-        .fold(0.0f32, |mse, ((&v, &w), &l)| {
-            let diff = v - scale * f32::from(l);
-            mse + w * diff * diff
-        });
-    for is in [-4, -3, -2, -1, 1, 2, 3, 4] {
-        let iscale_is = (0.1 * is as f32 + NMAX as f32) / max;
-        let scale_is = 1.0 / iscale_is;
-        let mse = x.iter().zip(w).fold(0.0f32, |mse, (&v, &w)| {
-            let l = nearest_int(iscale_is * v).min(NMAX);
-            let diff = v - scale_is * l as f32;
-            mse + w * diff * diff
-        });
-        if mse < best_mse {
-            best_mse = mse;
-            iscale = iscale_is;
-        }
-    }
-    let mut sumlx = 0.0f32;
-    let mut suml2 = 0.0f32;
-    for ((l, &v), &w) in stored.iter_mut().zip(x).zip(w) {
-        let q = nearest_int(iscale * v).min(NMAX);
-        *l = q as u8;
-        sumlx += w * v * q as f32;
-        suml2 += w * q as f32 * q as f32;
-    }
-    for _ in 0..5 {
-        let mut changed = false;
-        for ((l, &v), &w) in stored.iter_mut().zip(x).zip(w) {
-            let old = f32::from(*l);
-            let mut slx = sumlx - w * v * old;
-            let mut sl2 = suml2 - w * old * old;
-            if slx > 0.0 && sl2 > 0.0 {
-                let new_l = nearest_int(v * sl2 / slx).min(NMAX);
-                if new_l != i32::from(*l) {
-                    let q = new_l as f32;
-                    slx += w * v * q;
-                    sl2 += w * q * q;
-                    if slx * slx * suml2 > sumlx * sumlx * sl2 {
-                        *l = new_l as u8;
-                        sumlx = slx;
-                        suml2 = sl2;
-                        changed = true;
-                    }
-                }
-            }
-        }
-        if !changed {
-            break;
-        }
-    }
-    if suml2 > 0.0 {
-        sumlx / suml2
-    } else {
-        0.0
-    }
+    let mut levels = [0u8; 32];
+    crate::kernels::search::make_qp_quants(4, x, &mut levels, w)
 }
 
 /// `dequantize_row_iq2_xxs`.
