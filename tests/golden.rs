@@ -244,3 +244,92 @@ fn mistral_config_with_top_level_rope_theta() {
         );
     }
 }
+
+/// Mixtral: per-expert matrices stacked into 3-D `*_exps` tensors (at the converter's position),
+/// the router kept F32, expert metadata, and the `4x1.1M` size label: every conversion golden is
+/// reproduced as a whole file, and so is every llama-quantize golden made from its BF16 file.
+#[test]
+fn tiny_mixtral_matches_llama_cpp() {
+    let golden = golden("tiny-mixtral");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut bf16 = None;
+    for ty in ["f32", "f16", "bf16", "q8_0"] {
+        let out = dir.path().join(format!("convert-{ty}.gguf"));
+        let text = format!(
+            "kiln = 1\n[input]\npath = {:?}\n[output]\npath = {out:?}\nprovenance = false\n[quantize]\ndefault = \"{ty}\"\n[metadata]\nname = \"Tiny Mixtral\"\n",
+            fixture("tiny-mixtral")
+        );
+        let recipe = Recipe::from_toml(&text, Path::new(".")).expect("recipe");
+        build(
+            &plan(&recipe, &access()).expect("plan"),
+            &BuildOptions::default(),
+            &(),
+        )
+        .expect("build");
+        let bytes = std::fs::read(&out).expect("output");
+        assert_eq!(
+            sha256_hex(&bytes),
+            golden[format!("convert-{ty}.gguf")]["file_sha256"]
+                .as_str()
+                .expect("sha"),
+            "convert {ty}"
+        );
+        if ty == "bf16" {
+            bf16 = Some(out);
+        }
+    }
+    let bf16 = bf16.expect("bf16 built");
+    for preset in ["Q4_K_M", "Q3_K_M", "Q8_0", "IQ4_XS"] {
+        let out = dir.path().join(format!("{preset}.gguf"));
+        let mut recipe = kiln_recipe::presets::get(preset)
+            .expect("preset")
+            .expect("parses")
+            .with_overrides(&kiln_pipeline::Overrides {
+                input: Some(bf16.clone()),
+                output: Some(out.clone()),
+                ..Default::default()
+            });
+        recipe.provenance = false;
+        build(
+            &plan(&recipe, &access()).expect("plan"),
+            &BuildOptions::default(),
+            &(),
+        )
+        .expect("build");
+        let bytes = std::fs::read(&out).expect("output");
+        assert_eq!(
+            sha256_hex(&bytes),
+            golden[format!("quant-{preset}.gguf")]["file_sha256"]
+                .as_str()
+                .expect("sha"),
+            "quant {preset}"
+        );
+    }
+}
+
+/// A layer missing one expert matrix is refused, naming the orphaned tensors.
+#[test]
+fn incomplete_experts_are_reported() {
+    let (_keep, ckpt) = copy_fixture("tiny-mixtral");
+    let path = ckpt.join("config.json");
+    let text = std::fs::read_to_string(&path).expect("config");
+    // Claim five experts where the checkpoint has four.
+    std::fs::write(
+        &path,
+        text.replace("\"num_local_experts\": 4", "\"num_local_experts\": 5"),
+    )
+    .expect("write");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recipe = recipe("q8_0", &ckpt, &dir.path().join("x.gguf"));
+    match plan(&recipe, &access()) {
+        Err(kiln_pipeline::PipelineError::UnmappedTensors { names, .. }) => {
+            assert!(
+                names
+                    .iter()
+                    .all(|n| n.contains("block_sparse_moe.experts.")),
+                "{names:?}"
+            )
+        }
+        other => panic!("expected unmapped expert tensors, got {other:?}"),
+    }
+}

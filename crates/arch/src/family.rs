@@ -16,14 +16,28 @@ pub struct Family {
     tensor_names: &'static [(&'static str, &'static str)],
     /// Whether q/k projections get the rotary row permutation (`LlamaModel.undo_permute`).
     permute_qk: bool,
+    /// Per-expert matrices stacked into one 3-D tensor per layer: HF suffix after
+    /// `experts.{x}.` → GGUF base name (`{bid}` for the block).
+    experts: &'static [(&'static str, &'static str)],
 }
 
 /// Every family kiln converts.
 pub static FAMILIES: &[Family] = &[Family {
     gguf_arch: "llama",
-    hf_architectures: &["LlamaForCausalLM", "MistralForCausalLM", "LLaMAForCausalLM"],
+    hf_architectures: &[
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "LLaMAForCausalLM",
+        "MixtralForCausalLM",
+    ],
     tensor_names: LLAMA_TENSORS,
     permute_qk: true,
+    // Mixtral: w1 = gate, w2 = down, w3 = up, stacked in that order (LlamaModel.modify_tensors).
+    experts: &[
+        ("w1.weight", "blk.{bid}.ffn_gate_exps.weight"),
+        ("w2.weight", "blk.{bid}.ffn_down_exps.weight"),
+        ("w3.weight", "blk.{bid}.ffn_up_exps.weight"),
+    ],
 }];
 
 /// Picks the family from `config.json`'s `architectures[0]`.
@@ -97,6 +111,17 @@ pub enum Mapped {
     Tensor(TensorMapping),
     /// Deliberately left out (e.g. cached rotary frequencies).
     Skip,
+    /// One expert's matrix, to be stacked with the others of its layer into `stacked`.
+    Expert {
+        /// The stacked tensor's GGUF name.
+        stacked: String,
+        /// Position of the stacked tensor among the layer's stacked tensors (w1, w2, w3).
+        part: usize,
+        /// The layer.
+        layer: u32,
+        /// The expert index.
+        expert: u32,
+    },
     /// Not understood by this family.
     Unknown,
 }
@@ -118,6 +143,9 @@ impl Family {
         }
         if DROPPED_SUFFIXES.iter().any(|s| hf.ends_with(s)) {
             return Ok(Mapped::Skip);
+        }
+        if let Some(m) = self.map_expert(&hf) {
+            return Ok(m);
         }
         let Some((gguf_name, layer)) = lookup(self.tensor_names, &hf) else {
             return Ok(Mapped::Unknown);
@@ -158,6 +186,33 @@ impl Family {
             transform,
             pin_f32,
         }))
+    }
+}
+
+impl Family {
+    /// `model.layers.{bid}.block_sparse_moe.experts.{x}.{w}` → the stacked tensor it belongs to.
+    fn map_expert(&self, hf: &str) -> Option<Mapped> {
+        let rest = hf.strip_prefix("model.layers.")?;
+        let (bid, rest) = rest.split_once('.')?;
+        let rest = rest.strip_prefix("block_sparse_moe.experts.")?;
+        let (xid, suffix) = rest.split_once('.')?;
+        let (layer, expert) = (bid.parse().ok()?, xid.parse().ok()?);
+        let (part, (_, gguf)) = self
+            .experts
+            .iter()
+            .enumerate()
+            .find(|(_, (s, _))| *s == suffix)?;
+        Some(Mapped::Expert {
+            stacked: gguf.replace("{bid}", bid),
+            part,
+            layer,
+            expert,
+        })
+    }
+
+    /// How many stacked tensors each layer's experts form.
+    pub fn expert_parts(&self) -> usize {
+        self.experts.len()
     }
 }
 

@@ -21,6 +21,10 @@ pub(crate) const LLAMA_TENSORS: &[(&str, &str)] = &[
     ("model.layers.{bid}.mlp.up_proj", "blk.{bid}.ffn_up"),
     ("model.layers.{bid}.mlp.down_proj", "blk.{bid}.ffn_down"),
     ("model.layers.{bid}.self_attn.rotary_emb.inv_freq", ""),
+    (
+        "model.layers.{bid}.block_sparse_moe.gate",
+        "blk.{bid}.ffn_gate_inp",
+    ),
 ];
 
 /// Tensors the converter drops by suffix.

@@ -249,7 +249,8 @@ pub fn build(
     let source_bytes: u64 = targets
         .iter()
         .flat_map(|t| plan.tensors[t.tensors.clone()].iter())
-        .map(|t| plan.source.data(t.entry).len() as u64)
+        .flat_map(|t| t.entries.iter())
+        .map(|&e| plan.source.data(e).len() as u64)
         .sum();
     let written_tensors: usize = targets.iter().map(|t| t.tensors.len()).sum();
     progress.begin(written_tensors, source_bytes);
@@ -472,10 +473,16 @@ fn write_tensor<W: Write>(
     options: &BuildOptions,
     progress: &dyn Progress,
 ) -> Result<ErrorSums, PipelineError> {
-    let source = plan.source.data(tensor.entry);
+    // Stacked expert tensors read their rows from one source tensor per expert, in order.
+    let sources: Vec<&[u8]> = tensor
+        .entries
+        .iter()
+        .map(|&e| plan.source.data(e))
+        .collect();
+    let source_len: usize = sources.iter().map(|s| s.len()).sum();
     let mut errors = ErrorSums::default();
     let rows: u64 = tensor.ne.iter().skip(1).product();
-    let src_row_bytes = source.len() as u64 / rows.max(1);
+    let src_row_bytes = source_len as u64 / rows.max(1);
     let rows_per_chunk = (options.chunk_bytes as u64 / src_row_bytes.max(1)).max(1);
     let chunks: Vec<(u64, u64)> = (0..rows)
         .step_by(rows_per_chunk as usize)
@@ -487,7 +494,7 @@ fn write_tensor<W: Write>(
             group
                 .par_iter()
                 .map(|&(start, end)| {
-                    convert_rows(tensor, source, src_row_bytes as usize, start, end)
+                    convert_rows(tensor, &sources, src_row_bytes as usize, start, end)
                 })
                 .collect()
         });
@@ -504,7 +511,7 @@ fn write_tensor<W: Write>(
         }
         // Unpermuted rows are read in order, so the group's source pages are done with; this
         // keeps resident memory at the chunks in flight even for the largest tensor.
-        if tensor.transform == Transform::None {
+        if tensor.transform == Transform::None && sources.len() == 1 {
             if let (Some(first), Some(last)) = (group.first(), group.last()) {
                 plan.source.release_range(
                     tensor.entry,
@@ -522,22 +529,39 @@ fn write_tensor<W: Write>(
                 source,
             })?;
     }
-    plan.source.release_range(tensor.entry, 0, source.len());
+    for (&e, s) in tensor.entries.iter().zip(&sources) {
+        plan.source.release_range(e, 0, s.len());
+    }
     Ok(errors)
 }
 
 /// Produces the output bytes of output rows `start..end` of a tensor.
 fn convert_rows(
     tensor: &TensorPlan,
-    source: &[u8],
+    sources: &[&[u8]],
     src_row_bytes: usize,
     start: u64,
     end: u64,
 ) -> Result<(Vec<u8>, ErrorSums), PipelineError> {
     let row_len = tensor.ne[0] as usize;
     let (start, end) = (start as usize, end as usize);
+    let source = sources.first().copied().unwrap_or(&[]);
     let gathered: Cow<'_, [u8]> = match tensor.transform {
-        Transform::None => Cow::Borrowed(&source[start * src_row_bytes..end * src_row_bytes]),
+        Transform::None if sources.len() == 1 => {
+            Cow::Borrowed(&source[start * src_row_bytes..end * src_row_bytes])
+        }
+        Transform::None => {
+            // Rows per source tensor: the expert matrices' row count.
+            let per_source = (tensor.ne[1] as usize).max(1);
+            let mut buf = Vec::with_capacity((end - start) * src_row_bytes);
+            for r in start..end {
+                let (s, local) = (r / per_source, r % per_source);
+                buf.extend_from_slice(
+                    &sources[s][local * src_row_bytes..(local + 1) * src_row_bytes],
+                );
+            }
+            Cow::Owned(buf)
+        }
         transform => {
             // The permutation moves HF rows: for a 2-D weight one HF row is one output row; for a
             // 1-D bias each element is a "row" and the whole tensor is a single output row.

@@ -80,6 +80,8 @@ pub struct TensorPlan {
     /// Importance weights (one per column, or per column and expert), when used.
     pub imatrix: Option<Arc<[f32]>>,
     pub(crate) entry: usize,
+    /// Every source tensor, in order (several for stacked expert tensors).
+    pub(crate) entries: Vec<usize>,
 }
 
 impl TensorPlan {
@@ -132,6 +134,7 @@ impl BuildPlan {
 /// A tensor before the recipe decided its type.
 struct Candidate {
     entry: usize,
+    entries: Vec<usize>,
     source_name: String,
     name: String,
     layer: Option<u32>,
@@ -345,6 +348,7 @@ fn decide(
             // Kept even for kernels that ignore it: the report weighs errors with it.
             imatrix: weights.map(Arc::from),
             entry: c.entry,
+            entries: c.entries,
         });
     }
     Ok(plans)
@@ -376,6 +380,13 @@ fn plan_checkpoint(
 
     let mut candidates = Vec::new();
     let mut unmapped = Vec::new();
+    // Expert matrices per layer, until the layer has all of them (then they are stacked, at the
+    // position of the last one, as the converter does).
+    let mut experts: BTreeMap<u32, Vec<(usize, u32, usize, String)>> = BTreeMap::new();
+    let n_experts = hp
+        .find_u32(&["num_local_experts", "num_experts"])
+        .map_err(arch_err)?
+        .unwrap_or(0) as usize;
     for (index, entry) in checkpoint.tensors().iter().enumerate() {
         let mapping = match family
             .map_tensor(&hp, &entry.name, &entry.shape)
@@ -383,6 +394,20 @@ fn plan_checkpoint(
         {
             Mapped::Tensor(m) => m,
             Mapped::Skip => continue,
+            Mapped::Expert {
+                stacked,
+                part,
+                layer,
+                expert,
+            } => {
+                let members = experts.entry(layer).or_default();
+                members.push((part, expert, index, stacked));
+                if members.len() == n_experts * family.expert_parts() {
+                    let members = experts.remove(&layer).unwrap_or_default();
+                    candidates.extend(stack_experts(&checkpoint, members, layer, n_experts)?);
+                }
+                continue;
+            }
             Mapped::Unknown => {
                 unmapped.push(entry.name.clone());
                 continue;
@@ -414,6 +439,7 @@ fn plan_checkpoint(
         }
         candidates.push(Candidate {
             entry: index,
+            entries: vec![index],
             source_name: entry.name.clone(),
             name: mapping.gguf_name,
             layer: mapping.layer,
@@ -422,6 +448,14 @@ fn plan_checkpoint(
             transform: mapping.transform,
             pin: mapping.pin_f32,
         });
+    }
+    for (_, members) in experts {
+        // A layer whose experts are not all there (or more than the config says).
+        unmapped.extend(
+            members
+                .into_iter()
+                .map(|(_, _, i, _)| checkpoint.tensors()[i].name.clone()),
+        );
     }
     if !unmapped.is_empty() {
         return Err(PipelineError::UnmappedTensors {
@@ -486,13 +520,27 @@ fn plan_checkpoint(
         general.push((k.clone(), MetaValue::Array(MetaArray::String(v.clone()))));
     }
     if recipe.metadata.string("general.size_label").is_none() {
-        let total: u64 = tensors.iter().map(TensorPlan::elements).sum();
-        let counts = ParamCounts {
-            total,
-            shared: total,
-            expert: 0,
-            expert_count: 0,
-        };
+        // gguf-py's get_total_parameter_count: expert tensors count once per expert.
+        let mut counts = ParamCounts::default();
+        let (mut expert_sum, mut expert_tensors) = (0u64, 0u64);
+        for t in &tensors {
+            let n = t.elements();
+            counts.total += n;
+            match t
+                .name
+                .contains("_exps.")
+                .then(|| t.ne.get(2).copied())
+                .flatten()
+            {
+                Some(e) if e > 0 => {
+                    counts.expert += n / e;
+                    expert_sum += e;
+                    expert_tensors += 1;
+                }
+                _ => counts.shared += n,
+            }
+        }
+        counts.expert_count = expert_sum.checked_div(expert_tensors).unwrap_or(0);
         general.push((
             "general.size_label".into(),
             MetaValue::String(kiln_arch::size_label(&counts)),
@@ -529,6 +577,65 @@ fn plan_checkpoint(
         split: None,
         source,
     })
+}
+
+/// Stacks one layer's expert matrices into 3-D tensors (`[cols, rows, n_experts]`), one per part
+/// (w1, w2, w3 order), each with its experts in order as sources.
+fn stack_experts(
+    checkpoint: &Checkpoint,
+    mut members: Vec<(usize, u32, usize, String)>,
+    layer: u32,
+    n_experts: usize,
+) -> Result<Vec<Candidate>, PipelineError> {
+    members.sort_by_key(|(part, expert, _, _)| (*part, *expert));
+    let mut out = Vec::new();
+    for part in members.chunk_by(|a, b| a.0 == b.0) {
+        let first = &checkpoint.tensors()[part[0].2];
+        let bad = |problem: String| PipelineError::BadShape {
+            path: checkpoint.tensor_path(first).to_path_buf(),
+            tensor: first.name.clone(),
+            problem,
+        };
+        if part.len() != n_experts || part.iter().enumerate().any(|(i, m)| m.1 as usize != i) {
+            return Err(bad(format!(
+                "layer {layer} does not have experts 0..{n_experts}"
+            )));
+        }
+        for m in part {
+            let t = &checkpoint.tensors()[m.2];
+            if t.shape != first.shape || t.dtype != first.dtype {
+                return Err(bad(format!(
+                    "`{}` differs in shape or dtype from expert 0",
+                    t.name
+                )));
+            }
+        }
+        let source_type = first
+            .dtype
+            .ggml()
+            .ok_or_else(|| PipelineError::UnsupportedDtype {
+                path: checkpoint.tensor_path(first).to_path_buf(),
+                tensor: first.name.clone(),
+                dtype: first.dtype.name(),
+            })?;
+        if first.shape.len() != 2 {
+            return Err(bad("expert matrices must be 2-D".into()));
+        }
+        let mut ne: Vec<u64> = first.shape.iter().rev().copied().collect();
+        ne.push(n_experts as u64);
+        out.push(Candidate {
+            entry: part[0].2,
+            entries: part.iter().map(|m| m.2).collect(),
+            source_name: first.name.clone(),
+            name: part[0].3.clone(),
+            layer: Some(layer),
+            source_type,
+            ne,
+            transform: Transform::None,
+            pin: None,
+        });
+    }
+    Ok(out)
 }
 
 /// Hashes input files (in parallel; the records keep the given order), releasing their pages.
@@ -629,6 +736,7 @@ fn plan_gguf(
             .and_then(|n| n.parse().ok());
         candidates.push(Candidate {
             entry: index,
+            entries: vec![index],
             source_name: t.name.clone(),
             name: t.name.clone(),
             layer,
