@@ -260,12 +260,7 @@ fn tiny_mixtral_matches_llama_cpp() {
             fixture("tiny-mixtral")
         );
         let recipe = Recipe::from_toml(&text, Path::new(".")).expect("recipe");
-        build(
-            &plan(&recipe, &access()).expect("plan"),
-            &BuildOptions::default(),
-            &(),
-        )
-        .expect("build");
+        run_recipe(&recipe);
         let bytes = std::fs::read(&out).expect("output");
         assert_eq!(
             sha256_hex(&bytes),
@@ -281,21 +276,9 @@ fn tiny_mixtral_matches_llama_cpp() {
     let bf16 = bf16.expect("bf16 built");
     for preset in ["Q4_K_M", "Q3_K_M", "Q8_0", "IQ4_XS"] {
         let out = dir.path().join(format!("{preset}.gguf"));
-        let mut recipe = kiln_recipe::presets::get(preset)
-            .expect("preset")
-            .expect("parses")
-            .with_overrides(&kiln_pipeline::Overrides {
-                input: Some(bf16.clone()),
-                output: Some(out.clone()),
-                ..Default::default()
-            });
+        let mut recipe = preset_recipe(preset, &bf16, &out);
         recipe.provenance = false;
-        build(
-            &plan(&recipe, &access()).expect("plan"),
-            &BuildOptions::default(),
-            &(),
-        )
-        .expect("build");
+        run_recipe(&recipe);
         let bytes = std::fs::read(&out).expect("output");
         assert_eq!(
             sha256_hex(&bytes),

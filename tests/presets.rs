@@ -197,29 +197,15 @@ fn requantizing_a_gguf_reproduces_llama_quantize_files() {
         fixture("tiny-llama")
     );
     let recipe = Recipe::from_toml(&text, Path::new(".")).expect("recipe");
-    build(
-        &plan(&recipe, &access()).expect("plan"),
-        &BuildOptions::default(),
-        &(),
-    )
-    .expect("bf16");
+    run_recipe(&recipe);
     let golden = golden("tiny-llama");
     for preset in [
         "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_S", "Q6_K", "IQ4_XS", "TQ2_0",
     ] {
         let out = dir.path().join(format!("{preset}.gguf"));
-        let mut recipe = kiln_recipe::presets::get(preset)
-            .expect("preset")
-            .expect("parses")
-            .with_overrides(&Overrides {
-                input: Some(bf16.clone()),
-                output: Some(out.clone()),
-                imatrix: None,
-                ..Default::default()
-            });
+        let mut recipe = preset_recipe(preset, &bf16, &out);
         recipe.provenance = false;
-        let p = plan(&recipe, &access()).expect("plan");
-        build(&p, &BuildOptions::default(), &()).expect("build");
+        run_recipe(&recipe);
         let bytes = std::fs::read(&out).expect("output");
         assert_eq!(
             sha256_hex(&bytes),
@@ -240,22 +226,9 @@ fn requantizing_a_quantized_gguf_needs_permission() {
         fixture("tiny-llama")
     );
     let recipe = Recipe::from_toml(&text, Path::new(".")).expect("recipe");
-    build(
-        &plan(&recipe, &access()).expect("plan"),
-        &BuildOptions::default(),
-        &(),
-    )
-    .expect("q8");
+    run_recipe(&recipe);
     let out = dir.path().join("q4.gguf");
-    let mut recipe = kiln_recipe::presets::get("Q4_K_M")
-        .expect("preset")
-        .expect("parses")
-        .with_overrides(&Overrides {
-            input: Some(q8.clone()),
-            output: Some(out.clone()),
-            imatrix: None,
-            ..Default::default()
-        });
+    let mut recipe = preset_recipe("Q4_K_M", &q8, &out);
     match plan(&recipe, &access()) {
         Err(kiln_pipeline::PipelineError::RequantizeNotAllowed { from, .. }) => {
             assert_eq!(from, kiln_types::GgmlType::Q8_0)
@@ -282,15 +255,11 @@ fn tiny_bert_fallbacks_match_llama_quantize() {
     let dir = tempfile::tempdir().expect("tempdir");
     for preset in ["Q4_K_M", "Q5_0", "Q8_0"] {
         let out = dir.path().join(format!("{preset}.gguf"));
-        let mut recipe = kiln_recipe::presets::get(preset)
-            .expect("preset")
-            .expect("parses")
-            .with_overrides(&Overrides {
-                input: Some(repo().join("fixtures/golden/tiny-bert-f16.gguf")),
-                output: Some(out.clone()),
-                imatrix: None,
-                ..Default::default()
-            });
+        let mut recipe = preset_recipe(
+            preset,
+            &repo().join("fixtures/golden/tiny-bert-f16.gguf"),
+            &out,
+        );
         recipe.provenance = false;
         let p = plan(&recipe, &access()).expect("plan");
         let g = &golden[format!("quant-{preset}.gguf")];
@@ -329,15 +298,7 @@ fn tiny_bert_fallbacks_match_llama_quantize() {
 fn imatrix_types_are_refused_without_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     for preset in ["IQ2_XS", "IQ1_S", "Q2_K_S", "IQ3_XXS"] {
-        let recipe = kiln_recipe::presets::get(preset)
-            .expect("preset")
-            .expect("parses")
-            .with_overrides(&Overrides {
-                input: Some(fixture("tiny-llama")),
-                output: Some(dir.path().join("x.gguf")),
-                imatrix: None,
-                ..Default::default()
-            });
+        let recipe = preset_recipe(preset, &fixture("tiny-llama"), &dir.path().join("x.gguf"));
         match plan(&recipe, &access()) {
             Err(kiln_pipeline::PipelineError::ImatrixRequired {
                 tensor,
@@ -350,14 +311,6 @@ fn imatrix_types_are_refused_without_one() {
         }
     }
     // IQ3_S never needs one (llama.cpp accepts it without an imatrix).
-    let recipe = kiln_recipe::presets::get("IQ3_S")
-        .expect("preset")
-        .expect("parses")
-        .with_overrides(&Overrides {
-            input: Some(fixture("tiny-llama")),
-            output: Some(dir.path().join("x.gguf")),
-            imatrix: None,
-            ..Default::default()
-        });
+    let recipe = preset_recipe("IQ3_S", &fixture("tiny-llama"), &dir.path().join("x.gguf"));
     assert!(plan(&recipe, &access()).is_ok());
 }

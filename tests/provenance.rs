@@ -269,15 +269,13 @@ fn preset(
     split: Option<usize>,
     provenance: bool,
 ) -> kiln_pipeline::Recipe {
-    let mut r = kiln_recipe::presets::get(name)
-        .expect("preset")
-        .expect("parses")
-        .with_overrides(&kiln_pipeline::Overrides {
-            input: Some(input.to_path_buf()),
-            output: Some(output.to_path_buf()),
-            split_max_tensors: split,
+    let mut r = preset_recipe(name, input, output);
+    if let Some(n) = split {
+        r = r.with_overrides(&kiln_pipeline::Overrides {
+            split_max_tensors: Some(n),
             ..Default::default()
         });
+    }
     r.provenance = provenance;
     r
 }

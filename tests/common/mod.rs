@@ -50,6 +50,24 @@ pub fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
     (dir, dst)
 }
 
+/// A llama-quantize preset as a recipe reading `input` and writing `output`.
+pub fn preset_recipe(name: &str, input: &Path, output: &Path) -> kiln_pipeline::Recipe {
+    kiln_recipe::presets::get(name)
+        .expect("preset")
+        .expect("parses")
+        .with_overrides(&kiln_pipeline::Overrides {
+            input: Some(input.to_path_buf()),
+            output: Some(output.to_path_buf()),
+            ..Default::default()
+        })
+}
+
+/// Plans and builds a recipe with default options.
+pub fn run_recipe(recipe: &kiln_pipeline::Recipe) -> kiln_pipeline::Report {
+    let plan = kiln_pipeline::plan(recipe, &access()).expect("plan");
+    kiln_pipeline::build(&plan, &kiln_pipeline::BuildOptions::default(), &()).expect("build")
+}
+
 /// Python's `repr(float)`: shortest round-trip digits, exponent form below 1e-4 or from 1e16.
 pub fn py_float(x: f64) -> String {
     if x == 0.0 {

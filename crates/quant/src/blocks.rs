@@ -31,24 +31,27 @@ impl Block for BlockQ8_0 {
     const ELEMENTS: usize = 32;
 }
 
+/// Asserts that a block struct agrees with the type table: byte size, elements, alignment 1.
+/// Every family's tests call this for its blocks.
+#[cfg(test)]
+pub(crate) fn assert_matches_type_table<B: Block>() {
+    let info = B::TYPE.info().expect("block type in table");
+    assert_eq!(
+        std::mem::size_of::<B>(),
+        info.type_size as usize,
+        "{}",
+        info.name
+    );
+    assert_eq!(B::ELEMENTS, info.block_size as usize, "{}", info.name);
+    assert_eq!(std::mem::align_of::<B>(), 1, "{}", info.name);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn check<B: Block>() {
-        let info = B::TYPE.info().expect("block type in table");
-        assert_eq!(
-            std::mem::size_of::<B>(),
-            info.type_size as usize,
-            "{}",
-            info.name
-        );
-        assert_eq!(B::ELEMENTS, info.block_size as usize, "{}", info.name);
-        assert_eq!(std::mem::align_of::<B>(), 1, "{}", info.name);
-    }
-
     #[test]
     fn block_sizes_match_the_type_table() {
-        check::<BlockQ8_0>();
+        assert_matches_type_table::<BlockQ8_0>();
     }
 }

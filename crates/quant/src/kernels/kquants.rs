@@ -868,16 +868,11 @@ mod tests {
 
     #[test]
     fn block_sizes_match_the_type_table() {
-        fn check<B: Block>() {
-            let info = B::TYPE.info().unwrap();
-            assert_eq!(std::mem::size_of::<B>(), info.type_size as usize);
-            assert_eq!(B::ELEMENTS, info.block_size as usize);
-        }
-        check::<BlockQ2K>();
-        check::<BlockQ3K>();
-        check::<BlockQ4K>();
-        check::<BlockQ5K>();
-        check::<BlockQ6K>();
+        crate::blocks::assert_matches_type_table::<BlockQ2K>();
+        crate::blocks::assert_matches_type_table::<BlockQ3K>();
+        crate::blocks::assert_matches_type_table::<BlockQ4K>();
+        crate::blocks::assert_matches_type_table::<BlockQ5K>();
+        crate::blocks::assert_matches_type_table::<BlockQ6K>();
     }
 
     #[test]

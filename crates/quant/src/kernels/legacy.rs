@@ -397,15 +397,10 @@ mod tests {
 
     #[test]
     fn block_sizes_match_the_type_table() {
-        fn check<B: Block>() {
-            let info = B::TYPE.info().unwrap();
-            assert_eq!(std::mem::size_of::<B>(), info.type_size as usize);
-            assert_eq!(B::ELEMENTS, info.block_size as usize);
-        }
-        check::<BlockQ4_0>();
-        check::<BlockQ4_1>();
-        check::<BlockQ5_0>();
-        check::<BlockQ5_1>();
+        crate::blocks::assert_matches_type_table::<BlockQ4_0>();
+        crate::blocks::assert_matches_type_table::<BlockQ4_1>();
+        crate::blocks::assert_matches_type_table::<BlockQ5_0>();
+        crate::blocks::assert_matches_type_table::<BlockQ5_1>();
     }
 
     // §7 fact 5: the reference rows do not give zero bytes for a zero block; the imatrix paths do.

@@ -129,25 +129,13 @@ fn neighbour_lists_match_ggml() {
     }
 }
 
-fn check_block<B: crate::blocks::Block>() {
-    let info = B::TYPE.info().expect("type in the table");
-    assert_eq!(
-        std::mem::size_of::<B>(),
-        info.type_size as usize,
-        "{}",
-        info.name
-    );
-    assert_eq!(B::ELEMENTS, info.block_size as usize, "{}", info.name);
-    assert_eq!(std::mem::align_of::<B>(), 1, "{}", info.name);
-}
-
 #[test]
 fn block_layouts_match_the_type_table() {
-    check_block::<super::iq2_xxs::BlockIq2Xxs>();
-    check_block::<super::iq2_xs::BlockIq2Xs>();
-    check_block::<super::iq2_xs::BlockIq2S>();
-    check_block::<super::iq1::BlockIq1S>();
-    check_block::<super::iq1::BlockIq1M>();
+    crate::blocks::assert_matches_type_table::<super::iq2_xxs::BlockIq2Xxs>();
+    crate::blocks::assert_matches_type_table::<super::iq2_xs::BlockIq2Xs>();
+    crate::blocks::assert_matches_type_table::<super::iq2_xs::BlockIq2S>();
+    crate::blocks::assert_matches_type_table::<super::iq1::BlockIq1S>();
+    crate::blocks::assert_matches_type_table::<super::iq1::BlockIq1M>();
 }
 
 /// Row 97 of tiny-llama's `blk.1.attn_output.weight` with its importance weights, and the bytes

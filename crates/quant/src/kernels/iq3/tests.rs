@@ -303,13 +303,6 @@ proptest! {
 
 #[test]
 fn block_sizes_match_the_type_table() {
-    use crate::blocks::Block;
-    fn check<B: Block>() {
-        let info = B::TYPE.info().expect("type");
-        assert_eq!(std::mem::size_of::<B>(), info.type_size as usize);
-        assert_eq!(B::ELEMENTS, info.block_size as usize);
-        assert_eq!(std::mem::align_of::<B>(), 1);
-    }
-    check::<BlockIq3Xxs>();
-    check::<BlockIq3S>();
+    crate::blocks::assert_matches_type_table::<BlockIq3Xxs>();
+    crate::blocks::assert_matches_type_table::<BlockIq3S>();
 }
