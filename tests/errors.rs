@@ -184,10 +184,11 @@ fn unsupported_architecture_and_dtype() {
     let (_o, out) = out_dir();
     assert!(matches!(
         run_library(&ckpt, &out),
-        PipelineError::Arch {
-            source: kiln_arch::ArchError::UnsupportedArchitecture(..),
-            ..
-        }
+        PipelineError::NotUnderstood { report, .. }
+            if report.family.is_none()
+                && report.architecture.as_deref() == Some("FooForCausalLM")
+                && report.closest_family == Some(("llama".into(), 57))
+                && report.unmapped_tensors.is_empty()
     ));
     assert_eq!(run_binary(&ckpt, &out), 3);
 }
@@ -210,4 +211,139 @@ fn existing_output_survives_a_failed_run() {
         std::fs::read(&out).expect("still there"),
         b"previous release"
     );
+}
+
+/// Appends a zero-filled BF16 tensor to a single-file safetensors checkpoint.
+fn add_tensor(file: &Path, name: &str, shape: &[u64]) {
+    let bytes = std::fs::read(file).expect("read");
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).expect("header");
+    let data = &bytes[8 + n..];
+    let len = shape.iter().product::<u64>() * 2;
+    header.insert(
+        name.into(),
+        serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [data.len() as u64, data.len() as u64 + len]}),
+    );
+    let mut text = serde_json::to_string(&header).expect("json");
+    while (8 + text.len()) % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len() + len as usize, 0);
+    std::fs::write(file, out).expect("write");
+}
+
+/// A tensor the family does not know stops the build before anything is written, with a report
+/// that names it (and says everything else was understood).
+#[test]
+fn extra_unknown_tensor_is_reported() {
+    let (_keep, ckpt) = copy_fixture("tiny-qwen2");
+    let extra = "model.layers.1.mlp.mystery_proj.weight";
+    add_tensor(&ckpt.join("model.safetensors"), extra, &[64, 64]);
+    let (_o, out) = out_dir();
+    match run_library(&ckpt, &out) {
+        PipelineError::NotUnderstood { report, .. } => {
+            assert_eq!(report.family.as_deref(), Some("qwen2"));
+            assert_eq!(report.unmapped_tensors, [extra]);
+            assert!(report.unknown_config_keys.is_empty());
+            assert_eq!(report.tokenizer.pre.as_deref(), Some("smollm"));
+            assert_eq!(report.tensors, 27);
+        }
+        other => panic!("expected a not-understood report, got {other:?}"),
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["convert", "--type", "q8_0", "--quiet"])
+        .arg(&ckpt)
+        .arg(&out)
+        .output()
+        .expect("run kiln");
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(extra), "{stderr}");
+    assert!(stderr.contains("tensors not understood (1)"), "{stderr}");
+    assert_no_output(&out);
+}
+
+/// An architecture kiln does not know: the report names it, the closest family, and the config
+/// keys nothing reads; `kiln inspect` shows the same without failing.
+#[test]
+fn unknown_architecture_report_names_config_keys() {
+    let (_keep, ckpt) = copy_fixture("tiny-qwen2");
+    let config = ckpt.join("config.json");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let text = text
+        .replace("Qwen2ForCausalLM", "NovelForCausalLM")
+        .replace(
+            "\"model_type\": \"qwen2\"",
+            "\"model_type\": \"novel\", \"novel_gate_scale\": 2.0",
+        );
+    std::fs::write(&config, text).expect("write");
+    let (_o, out) = out_dir();
+    match run_library(&ckpt, &out) {
+        PipelineError::NotUnderstood { report, .. } => {
+            assert_eq!(report.family, None);
+            assert_eq!(report.architecture.as_deref(), Some("NovelForCausalLM"));
+            assert_eq!(report.unknown_config_keys, ["novel_gate_scale"]);
+            assert!(report.closest_family.is_some());
+        }
+        other => panic!("expected a not-understood report, got {other:?}"),
+    }
+    assert_eq!(run_binary(&ckpt, &out), 3);
+    let inspect = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("inspect")
+        .arg(&ckpt)
+        .output()
+        .expect("run kiln");
+    assert!(inspect.status.success());
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(text.contains("NovelForCausalLM"), "{text}");
+    assert!(text.contains("novel_gate_scale"), "{text}");
+    assert!(text.contains("cannot convert"), "{text}");
+}
+
+/// A BPE tokenizer llama.cpp's table does not know is refused with the digest and what to do;
+/// naming the pre-tokenizer in the recipe lets the build go ahead with that name.
+#[test]
+fn unknown_pre_tokenizer_is_refused_unless_the_recipe_names_it() {
+    let (_keep, ckpt) = copy_fixture("tiny-qwen2");
+    let path = ckpt.join("tokenizer.json");
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("tokenizer.json")).expect("json");
+    // Without its first merge ("Ġ t") the tokenizer splits " there" and " tea" differently: a
+    // different tokenizer, so an unknown fingerprint.
+    let merges = tokenizer["model"]["merges"].as_array_mut().expect("merges");
+    assert_eq!(merges[0], serde_json::json!(["Ġ", "t"]));
+    merges.remove(0);
+    std::fs::write(&path, serde_json::to_vec(&tokenizer).expect("json")).expect("write");
+    let (_o, out) = out_dir();
+    match run_library(&ckpt, &out) {
+        PipelineError::Arch {
+            source: kiln_arch::ArchError::UnknownPreTokenizer { hash },
+            ..
+        } => {
+            assert_eq!(hash.len(), 64);
+            let message = kiln_arch::ArchError::UnknownPreTokenizer { hash }.to_string();
+            assert!(message.contains("tokenizer.ggml.pre"), "{message}");
+        }
+        other => panic!("expected an unknown pre-tokenizer, got {other:?}"),
+    }
+    assert_eq!(run_binary(&ckpt, &out), 3);
+
+    let text = format!(
+        "kiln = 1\n[input]\npath = {ckpt:?}\n[output]\npath = {out:?}\nprovenance = false\n[quantize]\ndefault = \"f16\"\n[metadata.extra]\n\"tokenizer.ggml.pre\" = \"smollm\"\n"
+    );
+    let recipe = Recipe::from_toml(&text, Path::new(".")).expect("recipe");
+    run_recipe(&recipe);
+    let bytes = std::fs::read(&out).expect("output");
+    let file = kiln_reader::gguf::GgufFile::parse(&bytes).expect("parses");
+    let pre: Vec<_> = file
+        .metadata
+        .iter()
+        .filter(|(k, _)| k == "tokenizer.ggml.pre")
+        .collect();
+    assert_eq!(pre.len(), 1, "written once");
+    assert_eq!(pre[0].1, kiln_types::MetaValue::String("smollm".into()));
 }

@@ -248,16 +248,24 @@ fn mistral_config_with_top_level_rope_theta() {
 /// Mixtral: per-expert matrices stacked into 3-D `*_exps` tensors (at the converter's position),
 /// the router kept F32, expert metadata, and the `4x1.1M` size label: every conversion golden is
 /// reproduced as a whole file, and so is every llama-quantize golden made from its BF16 file.
-#[test]
-fn tiny_mixtral_matches_llama_cpp() {
-    let golden = golden("tiny-mixtral");
+/// Converts `fixture` to each of `converts` and requantizes the `base` conversion with each of
+/// `presets` (as the golden files were made: llama-quantize from the converter's output); every
+/// file must be byte-identical to llama.cpp's.
+fn whole_files_match(
+    fixture_name: &str,
+    name: &str,
+    converts: &[&str],
+    base: &str,
+    presets: &[&str],
+) {
+    let golden = golden(fixture_name);
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut bf16 = None;
-    for ty in ["f32", "f16", "bf16", "q8_0"] {
+    let mut base_file = None;
+    for ty in converts {
         let out = dir.path().join(format!("convert-{ty}.gguf"));
         let text = format!(
-            "kiln = 1\n[input]\npath = {:?}\n[output]\npath = {out:?}\nprovenance = false\n[quantize]\ndefault = \"{ty}\"\n[metadata]\nname = \"Tiny Mixtral\"\n",
-            fixture("tiny-mixtral")
+            "kiln = 1\n[input]\npath = {:?}\n[output]\npath = {out:?}\nprovenance = false\n[quantize]\ndefault = \"{ty}\"\n[metadata]\nname = \"{name}\"\n",
+            fixture(fixture_name)
         );
         let recipe = Recipe::from_toml(&text, Path::new(".")).expect("recipe");
         run_recipe(&recipe);
@@ -267,16 +275,16 @@ fn tiny_mixtral_matches_llama_cpp() {
             golden[format!("convert-{ty}.gguf")]["file_sha256"]
                 .as_str()
                 .expect("sha"),
-            "convert {ty}"
+            "{fixture_name}: convert {ty}"
         );
-        if ty == "bf16" {
-            bf16 = Some(out);
+        if *ty == base {
+            base_file = Some(out);
         }
     }
-    let bf16 = bf16.expect("bf16 built");
-    for preset in ["Q4_K_M", "Q3_K_M", "Q8_0", "IQ4_XS"] {
+    let base_file = base_file.expect("base conversion built");
+    for preset in presets {
         let out = dir.path().join(format!("{preset}.gguf"));
-        let mut recipe = preset_recipe(preset, &bf16, &out);
+        let mut recipe = preset_recipe(preset, &base_file, &out);
         recipe.provenance = false;
         run_recipe(&recipe);
         let bytes = std::fs::read(&out).expect("output");
@@ -285,9 +293,46 @@ fn tiny_mixtral_matches_llama_cpp() {
             golden[format!("quant-{preset}.gguf")]["file_sha256"]
                 .as_str()
                 .expect("sha"),
-            "quant {preset}"
+            "{fixture_name}: quant {preset}"
         );
     }
+}
+
+#[test]
+fn tiny_mixtral_matches_llama_cpp() {
+    whole_files_match(
+        "tiny-mixtral",
+        "Tiny Mixtral",
+        &["f32", "f16", "bf16", "q8_0"],
+        "bf16",
+        &["Q4_K_M", "Q3_K_M", "Q8_0", "IQ4_XS"],
+    );
+}
+
+/// Qwen2: attention biases, tied embeddings (no `output.weight`), and a byte-level BPE
+/// tokenizer.json whose pre-tokenizer is identified as `smollm`.
+#[test]
+fn tiny_qwen2_matches_llama_cpp() {
+    whole_files_match(
+        "tiny-qwen2",
+        "Tiny Qwen2",
+        &["f32", "f16", "bf16", "q8_0"],
+        "bf16",
+        &["Q4_0", "Q4_K_M", "Q8_0"],
+    );
+}
+
+/// BERT: WordPiece vocabulary in phantom-space form, token types, position embeddings, and
+/// k-quant fallbacks (hidden size 128 is not a multiple of 256).
+#[test]
+fn tiny_bert_matches_llama_cpp() {
+    whole_files_match(
+        "tiny-bert",
+        "Tiny Bert",
+        &["f32", "f16", "q8_0"],
+        "f16",
+        &["Q8_0", "Q4_K_M", "Q5_0"],
+    );
 }
 
 /// A layer missing one expert matrix is refused, naming the orphaned tensors.
@@ -305,12 +350,14 @@ fn incomplete_experts_are_reported() {
     let dir = tempfile::tempdir().expect("tempdir");
     let recipe = recipe("q8_0", &ckpt, &dir.path().join("x.gguf"));
     match plan(&recipe, &access()) {
-        Err(kiln_pipeline::PipelineError::UnmappedTensors { names, .. }) => {
+        Err(kiln_pipeline::PipelineError::NotUnderstood { report, .. }) => {
             assert!(
-                names
+                report
+                    .unmapped_tensors
                     .iter()
                     .all(|n| n.contains("block_sparse_moe.experts.")),
-                "{names:?}"
+                "{:?}",
+                report.unmapped_tensors
             )
         }
         other => panic!("expected unmapped expert tensors, got {other:?}"),

@@ -19,6 +19,7 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+mod config_keys;
 mod family;
 mod hparams;
 mod metadata;
@@ -28,7 +29,8 @@ pub mod tokenizer;
 
 use std::collections::BTreeMap;
 
-pub use family::{detect, Family, Mapped, TensorMapping, Transform, FAMILIES};
+pub use config_keys::unknown_config_keys;
+pub use family::{detect, Family, GeneratedTensor, Mapped, TensorMapping, Transform, FAMILIES};
 pub use hparams::HParams;
 pub use metadata::{gguf_metadata, MetadataInputs};
 pub use size_label::{size_label, ParamCounts};
@@ -44,12 +46,16 @@ pub const SIDE_FILE_NAMES: &[&str] = &[
     "special_tokens_map.json",
     "chat_template.jinja",
     "chat_template.json",
+    "merges.txt",
+    "modules.json",
+    "1_Pooling/config.json",
 ];
 
 /// The side files that exist, by name, with their bytes.
 #[derive(Debug, Clone, Default)]
 pub struct SideFiles {
     files: BTreeMap<String, Vec<u8>>,
+    pre_tokenizer: Option<String>,
 }
 
 impl SideFiles {
@@ -61,6 +67,17 @@ impl SideFiles {
     /// Adds a file.
     pub fn insert(&mut self, name: &str, bytes: Vec<u8>) {
         self.files.insert(name.to_string(), bytes);
+    }
+
+    /// Sets the `tokenizer.ggml.pre` name to use instead of identifying the pre-tokenizer (the
+    /// recipe's `[metadata.extra] "tokenizer.ggml.pre"`).
+    pub fn set_pre_tokenizer(&mut self, name: &str) {
+        self.pre_tokenizer = Some(name.to_string());
+    }
+
+    /// The pre-tokenizer name the user chose, if any.
+    pub fn pre_tokenizer(&self) -> Option<&str> {
+        self.pre_tokenizer.as_deref()
     }
 
     /// A file's bytes, if it exists.
@@ -125,6 +142,23 @@ pub enum ArchError {
     /// `tokenizer.model` is not a valid SentencePiece model.
     #[error("tokenizer.model: {0}")]
     BadSentencePiece(String),
+    /// The BPE pre-tokenizer's fingerprint is not one llama.cpp knows, so no `tokenizer.ggml.pre`
+    /// name can be given without guessing.
+    #[error(
+        "the BPE pre-tokenizer is not recognized (chkhsh {hash}): kiln fingerprints the \
+         tokenizer as transformers 4.57's AutoTokenizer does and llama.cpp's table has no entry \
+         for it, so llama.cpp's converter would refuse it too (`kiln inspect` shows the digest). \
+         If this is a known tokenizer with a new fingerprint, set \
+         `[metadata.extra] \"tokenizer.ggml.pre\" = \"<name>\"` in the recipe after checking that \
+         llama.cpp's pre-tokenizer of that name splits text the same way"
+    )]
+    UnknownPreTokenizer {
+        /// sha256 of the token ids of the test text.
+        hash: String,
+    },
+    /// `tokenizer.json` is not a tokenizer kiln can read.
+    #[error("tokenizer.json: {0}")]
+    BadTokenizerJson(String),
     /// A tensor's shape does not fit the transform it needs.
     #[error("tensor `{tensor}`: {problem}")]
     BadTensorShape {

@@ -187,7 +187,7 @@ fn exit_code(e: &PipelineError) -> u8 {
         | PipelineError::RequantizeNotAllowed { .. } => 2,
         PipelineError::Read(_)
         | PipelineError::Arch { .. }
-        | PipelineError::UnmappedTensors { .. }
+        | PipelineError::NotUnderstood { .. }
         | PipelineError::UnsupportedDtype { .. }
         | PipelineError::BadShape { .. }
         | PipelineError::UnsupportedType { .. }

@@ -273,6 +273,15 @@ pub(crate) fn inspection(ins: &Inspection, as_json: bool, full: bool) {
     if let (Some(v), Some(a)) = (ins.version, ins.alignment) {
         outln!(o, "GGUF v{v}, alignment {a}");
     }
+    if let Some(model) = &ins.model {
+        let verdict = if model.convertible() {
+            "kiln can convert this checkpoint"
+        } else {
+            "kiln cannot convert this checkpoint as it is"
+        };
+        outln!(o, "model ({verdict}):");
+        outln!(o, "{model}");
+    }
     if !ins.metadata.is_empty() {
         outln!(o, "metadata ({} keys):", ins.metadata.len());
         let key_w = ins.metadata.iter().map(|(k, _)| k.len()).max().unwrap_or(0);

@@ -474,15 +474,18 @@ fn write_tensor<W: Write>(
     progress: &dyn Progress,
 ) -> Result<ErrorSums, PipelineError> {
     // Stacked expert tensors read their rows from one source tensor per expert, in order.
-    let sources: Vec<&[u8]> = tensor
-        .entries
-        .iter()
-        .map(|&e| plan.source.data(e))
-        .collect();
-    let source_len: usize = sources.iter().map(|s| s.len()).sum();
+    let sources: Vec<&[u8]> = match &tensor.generated {
+        Some(bytes) => vec![bytes],
+        None => tensor
+            .entries
+            .iter()
+            .map(|&e| plan.source.data(e))
+            .collect(),
+    };
     let mut errors = ErrorSums::default();
     let rows: u64 = tensor.ne.iter().skip(1).product();
-    let src_row_bytes = source_len as u64 / rows.max(1);
+    // From the shape, not the source length: a truncated embedding reads only its first rows.
+    let src_row_bytes = tensor.source_type.row_bytes(tensor.ne[0]).unwrap_or(0);
     let rows_per_chunk = (options.chunk_bytes as u64 / src_row_bytes.max(1)).max(1);
     let chunks: Vec<(u64, u64)> = (0..rows)
         .step_by(rows_per_chunk as usize)
@@ -511,7 +514,7 @@ fn write_tensor<W: Write>(
         }
         // Unpermuted rows are read in order, so the group's source pages are done with; this
         // keeps resident memory at the chunks in flight even for the largest tensor.
-        if tensor.transform == Transform::None && sources.len() == 1 {
+        if tensor.transform == Transform::None && sources.len() == 1 && tensor.generated.is_none() {
             if let (Some(first), Some(last)) = (group.first(), group.last()) {
                 plan.source.release_range(
                     tensor.entry,
@@ -570,7 +573,7 @@ fn convert_rows(
             let (unit, units_total) = if tensor.ne.len() == 1 {
                 (1usize, row_len)
             } else {
-                (row_len, tensor.ne[1] as usize)
+                (row_len, tensor.ne[1..].iter().product::<u64>() as usize)
             };
             let unit_bytes = unit * elem;
             let first = start * row_len / unit;
@@ -583,7 +586,7 @@ fn convert_rows(
             Cow::Owned(buf)
         }
     };
-    if tensor.ty == tensor.source_type {
+    if tensor.ty == tensor.source_type && !tensor.plus_one {
         return Ok((gathered.into_owned(), ErrorSums::default()));
     }
     let quant_err = |source| PipelineError::Quant {
@@ -592,6 +595,9 @@ fn convert_rows(
     };
     let mut values = vec![0.0f32; (end - start) * row_len];
     kiln_quant::dequantize_rows(tensor.source_type, &gathered, &mut values).map_err(quant_err)?;
+    if tensor.plus_one {
+        add_one(tensor.source_type, &mut values);
+    }
     let out_row = tensor
         .ty
         .row_bytes(row_len as u64)
@@ -625,6 +631,22 @@ fn convert_rows(
         measure(tensor, &values, &out, start).map_err(quant_err)?
     };
     Ok((out, errors))
+}
+
+/// Gemma's `w + 1`, computed as the converter's torch code does: in half precision for F16
+/// checkpoints (the sum is rounded to F16), in F32 otherwise.
+fn add_one(source_type: kiln_types::GgmlType, values: &mut [f32]) {
+    if source_type == kiln_types::GgmlType::F16 {
+        for v in values {
+            // The exact sum of two halves rounded once to F32 and again to F16 equals the sum
+            // rounded to F16 directly (F32 has more than 2·11 + 2 significand bits).
+            *v = half::f16::from_f32(*v + 1.0).to_f32();
+        }
+    } else {
+        for v in values {
+            *v += 1.0;
+        }
+    }
 }
 
 /// Dequantizes what was just produced and compares it with the source values.
@@ -671,6 +693,6 @@ fn measure(
 impl TensorPlan {
     /// Whether the tensor's bytes are copied unchanged from the input.
     pub fn is_copy(&self) -> bool {
-        self.ty == self.source_type && self.transform == Transform::None
+        self.ty == self.source_type && self.transform == Transform::None && !self.plus_one
     }
 }

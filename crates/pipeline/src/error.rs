@@ -31,15 +31,14 @@ pub enum PipelineError {
         /// What is wrong.
         source: kiln_arch::ArchError,
     },
-    /// Tensors the model family does not know.
-    #[error("{path}: {} tensor(s) not understood by the `{arch}` family: {}", names.len(), names.join(", "))]
-    UnmappedTensors {
+    /// The checkpoint has an architecture, tensors or settings kiln does not understand; the
+    /// report names each of them.
+    #[error("{path}: kiln does not understand this checkpoint, so it converts nothing:\n{report}")]
+    NotUnderstood {
         /// The checkpoint folder.
         path: PathBuf,
-        /// The family.
-        arch: String,
-        /// The tensor names.
-        names: Vec<String>,
+        /// What kiln understood and what it did not.
+        report: Box<crate::model_report::ModelReport>,
     },
     /// A tensor's element type cannot be converted.
     #[error(

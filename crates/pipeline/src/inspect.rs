@@ -49,6 +49,9 @@ pub struct Inspection {
     pub tensors: Vec<InspectedTensor>,
     /// Total parameters.
     pub parameters: u64,
+    /// For a Hugging Face checkpoint folder with a `config.json`: what kiln understands of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<crate::ModelReport>,
 }
 
 /// Reads a GGUF file, a `.safetensors` file or a checkpoint folder and describes it.
@@ -92,6 +95,7 @@ pub fn inspect(path: &Path, access: &MmapAccess) -> Result<Inspection, PipelineE
         metadata: gguf.metadata.clone(),
         tensors,
         parameters,
+        model: None,
     })
 }
 
@@ -116,6 +120,11 @@ fn inspect_checkpoint(path: &Path, access: &MmapAccess) -> Result<Inspection, Pi
         })
         .collect();
     let parameters = ck.tensors().iter().map(|t| t.element_count()).sum();
+    let files = crate::plan::side_files(&ck)?;
+    let model = files
+        .get("config.json")
+        .is_some()
+        .then(|| crate::model_report(&ck, &files));
     Ok(Inspection {
         path: path.to_path_buf(),
         format: "safetensors".into(),
@@ -124,5 +133,6 @@ fn inspect_checkpoint(path: &Path, access: &MmapAccess) -> Result<Inspection, Pi
         metadata: Vec::new(),
         tensors,
         parameters,
+        model,
     })
 }

@@ -22,6 +22,7 @@ mod imatrix;
 mod input;
 mod inspect;
 mod json;
+mod model_report;
 mod plan;
 pub mod provenance;
 pub mod verify;
@@ -30,6 +31,7 @@ pub use build::{build, BuildOptions, Progress, Report, TensorReport};
 pub use error::PipelineError;
 pub use inspect::{inspect, InspectedTensor, Inspection};
 pub use json::meta_to_json;
+pub use model_report::{model_report, DtypeCount, ModelReport, TokenizerReport};
 pub use plan::{plan, BuildPlan, Decision, TensorPlan};
 
 pub use kiln_reader::MmapAccess;

@@ -79,6 +79,10 @@ pub struct TensorPlan {
     pub transform: Transform,
     /// Importance weights (one per column, or per column and expert), when used.
     pub imatrix: Option<Arc<[f32]>>,
+    /// 1 is added to every value on the way (Gemma norm weights).
+    pub plus_one: bool,
+    /// Bytes of a tensor kiln generates rather than reads (little-endian F32).
+    pub(crate) generated: Option<Arc<[u8]>>,
     pub(crate) entry: usize,
     /// Every source tensor, in order (several for stacked expert tensors).
     pub(crate) entries: Vec<usize>,
@@ -142,6 +146,8 @@ struct Candidate {
     ne: Vec<u64>,
     transform: Transform,
     pin: Option<&'static str>,
+    plus_one: bool,
+    generated: Option<Arc<[u8]>>,
 }
 
 /// Decides everything about a build without writing anything.
@@ -347,6 +353,8 @@ fn decide(
             transform: c.transform,
             // Kept even for kernels that ignore it: the report weighs errors with it.
             imatrix: weights.map(Arc::from),
+            plus_one: c.plus_one,
+            generated: c.generated,
             entry: c.entry,
             entries: c.entries,
         });
@@ -365,20 +373,60 @@ fn plan_checkpoint(
         path: checkpoint.folder().to_path_buf(),
         source,
     };
-    let mut files = SideFiles::new();
-    for name in kiln_arch::SIDE_FILE_NAMES {
-        if let Some(bytes) = checkpoint.read_side_file(name)? {
-            files.insert(name, bytes);
-        }
+    let mut files = side_files(&checkpoint)?;
+    // `[metadata.extra] "tokenizer.ggml.pre"` names the pre-tokenizer instead of the fingerprint
+    // (for tokenizers llama.cpp's table does not know yet).
+    if let Some((_, MetaValue::String(pre))) = recipe
+        .metadata
+        .extra
+        .iter()
+        .find(|(k, _)| k == "tokenizer.ggml.pre")
+    {
+        files.set_pre_tokenizer(pre);
     }
     let config = files
         .json("config.json")
         .map_err(arch_err)?
         .ok_or_else(|| arch_err(kiln_arch::ArchError::MissingConfig))?;
     let hp = HParams::from_config(&config).map_err(arch_err)?;
-    let family = kiln_arch::detect(&hp).map_err(arch_err)?;
+    let not_understood = |unmapped: Option<Vec<String>>| {
+        let mut report = crate::model_report(&checkpoint, &files);
+        if let Some(names) = unmapped {
+            report.unmapped_tensors = names;
+        }
+        PipelineError::NotUnderstood {
+            path: checkpoint.folder().to_path_buf(),
+            report: Box::new(report),
+        }
+    };
+    let family = match kiln_arch::detect(&hp) {
+        Ok(f) => f,
+        Err(kiln_arch::ArchError::UnsupportedArchitecture(..)) => {
+            return Err(not_understood(None));
+        }
+        Err(e) => return Err(arch_err(e)),
+    };
 
-    let mut candidates = Vec::new();
+    // Tensors the converter generates come first (they precede the checkpoint's in its stream).
+    let mut candidates: Vec<Candidate> = family
+        .generated_tensors(&hp)
+        .map_err(arch_err)?
+        .into_iter()
+        .map(|g| Candidate {
+            entry: 0,
+            entries: Vec::new(),
+            source_name: g.name.clone(),
+            name: g.name,
+            layer: None,
+            source_type: GgmlType::F32,
+            ne: vec![g.values.len() as u64],
+            transform: Transform::None,
+            pin: Some("1-D tensor"),
+            plus_one: false,
+            generated: Some(g.values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        })
+        .collect();
+    let embedding_rows = family.embedding_rows(&files).map_err(arch_err)?;
     let mut unmapped = Vec::new();
     // Expert matrices per layer, until the layer has all of them (then they are stacked, at the
     // position of the last one, as the converter does).
@@ -392,7 +440,8 @@ fn plan_checkpoint(
             .map_tensor(&hp, &entry.name, &entry.shape)
             .map_err(arch_err)?
         {
-            Mapped::Tensor(m) => m,
+            Mapped::Tensor(m) => vec![m],
+            Mapped::Split(parts) => parts,
             Mapped::Skip => continue,
             Mapped::Expert {
                 stacked,
@@ -422,32 +471,53 @@ fn plan_checkpoint(
                 tensor: entry.name.clone(),
                 dtype: entry.dtype.name(),
             })?;
-        let ne: Vec<u64> = entry.shape.iter().rev().copied().collect();
-        if ne.is_empty() || ne.len() > 4 {
-            return Err(PipelineError::BadShape {
-                path,
-                tensor: entry.name.clone(),
-                problem: format!("{} dimensions (GGUF stores 1 to 4)", ne.len()),
+        for mapping in mapping {
+            let mut ne: Vec<u64> = entry.shape.iter().rev().copied().collect();
+            if mapping.gguf_name == "token_embd.weight" && ne.len() == 2 {
+                // Rows are the slowest dimension, so keeping the first ones is a prefix of the data.
+                if let Some(rows) = embedding_rows {
+                    ne[1] = ne[1].min(rows);
+                }
+            }
+            if ne.is_empty() || ne.len() > 4 {
+                return Err(PipelineError::BadShape {
+                    path,
+                    tensor: entry.name.clone(),
+                    problem: format!("{} dimensions (GGUF stores 1 to 4)", ne.len()),
+                });
+            }
+            if matches!(mapping.transform, Transform::PermuteHeads { .. }) && ne.len() > 2 {
+                return Err(PipelineError::BadShape {
+                    path,
+                    tensor: entry.name.clone(),
+                    problem: "row permutation of a tensor with more than 2 dimensions".into(),
+                });
+            }
+            if let Transform::RowBlocks { period, len, .. } = mapping.transform {
+                // The split halves the rows within each expert (ne[1]); experts (ne[2]) stay.
+                if ne.len() < 2 || ne[1] != period {
+                    return Err(PipelineError::BadShape {
+                        path,
+                        tensor: entry.name.clone(),
+                        problem: format!("cannot take {len} of every {period} rows"),
+                    });
+                }
+                ne[1] = len;
+            }
+            candidates.push(Candidate {
+                entry: index,
+                entries: vec![index],
+                source_name: entry.name.clone(),
+                name: mapping.gguf_name,
+                layer: mapping.layer,
+                source_type,
+                ne,
+                transform: mapping.transform,
+                pin: mapping.pin_f32,
+                plus_one: mapping.plus_one,
+                generated: None,
             });
         }
-        if mapping.transform != Transform::None && ne.len() > 2 {
-            return Err(PipelineError::BadShape {
-                path,
-                tensor: entry.name.clone(),
-                problem: "row permutation of a tensor with more than 2 dimensions".into(),
-            });
-        }
-        candidates.push(Candidate {
-            entry: index,
-            entries: vec![index],
-            source_name: entry.name.clone(),
-            name: mapping.gguf_name,
-            layer: mapping.layer,
-            source_type,
-            ne,
-            transform: mapping.transform,
-            pin: mapping.pin_f32,
-        });
     }
     for (_, members) in experts {
         // A layer whose experts are not all there (or more than the config says).
@@ -458,11 +528,7 @@ fn plan_checkpoint(
         );
     }
     if !unmapped.is_empty() {
-        return Err(PipelineError::UnmappedTensors {
-            path: checkpoint.folder().to_path_buf(),
-            arch: family.gguf_arch.into(),
-            names: unmapped,
-        });
+        return Err(not_understood(Some(unmapped)));
     }
     let n_head = hp
         .find_u32(&["num_attention_heads"])
@@ -579,6 +645,17 @@ fn plan_checkpoint(
     })
 }
 
+/// The side files of a checkpoint folder that the model families read.
+pub(crate) fn side_files(checkpoint: &Checkpoint) -> Result<SideFiles, PipelineError> {
+    let mut files = SideFiles::new();
+    for name in kiln_arch::SIDE_FILE_NAMES {
+        if let Some(bytes) = checkpoint.read_side_file(name)? {
+            files.insert(name, bytes);
+        }
+    }
+    Ok(files)
+}
+
 /// Stacks one layer's expert matrices into 3-D tensors (`[cols, rows, n_experts]`), one per part
 /// (w1, w2, w3 order), each with its experts in order as sources.
 fn stack_experts(
@@ -633,6 +710,8 @@ fn stack_experts(
             ne,
             transform: Transform::None,
             pin: None,
+            plus_one: false,
+            generated: None,
         });
     }
     Ok(out)
@@ -744,6 +823,8 @@ fn plan_gguf(
             ne: t.ne.clone(),
             transform: Transform::None,
             pin: gguf_pin(&t.name, &t.ne),
+            plus_one: false,
+            generated: None,
         });
     }
     // llama-quantize writes tensors sorted by block number (none first), then by name.

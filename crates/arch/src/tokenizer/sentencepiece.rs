@@ -86,6 +86,34 @@ pub fn parse_pieces(bytes: &[u8]) -> Result<Vec<(String, f32, i32)>, ArchError> 
         .collect())
 }
 
+/// A SentencePiece model holding `pieces` (piece, score, SentencePiece type), for tests.
+#[cfg(test)]
+pub(crate) fn encode_model(pieces: &[(&str, f32, i32)]) -> Vec<u8> {
+    ModelProto {
+        pieces: pieces
+            .iter()
+            .map(|(p, s, k)| SentencePiece {
+                piece: Some(p.to_string()),
+                score: Some(*s),
+                kind: Some(*k),
+            })
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
+/// The llama.cpp token type of a SentencePiece piece type. USER_DEFINED pieces count as NORMAL,
+/// as in the converter (it asks only IsUnknown / IsControl / IsUnused / IsByte).
+pub fn piece_type(kind: i32) -> i32 {
+    match kind {
+        SP_UNKNOWN => token_type::UNKNOWN,
+        SP_CONTROL => token_type::CONTROL,
+        SP_UNUSED => token_type::UNUSED,
+        SP_BYTE => token_type::BYTE,
+        _ => token_type::NORMAL,
+    }
+}
+
 /// Builds the vocabulary the way `_create_vocab_sentencepiece` does: `vocab_size` from
 /// `config.json` (else the model's size) entries, unknown ids as `[PAD{i}]`, then
 /// `added_tokens.json` and `tokenizer_config.json` `added_tokens_decoder` overrides.
@@ -104,14 +132,7 @@ pub fn vocab(
     let mut scores = vec![-10000.0f32; vocab_size];
     let mut types = vec![token_type::UNUSED; vocab_size];
     for (id, (piece, score, kind)) in pieces.into_iter().enumerate().take(vocab_size) {
-        // USER_DEFINED pieces count as NORMAL here, as in the converter.
-        types[id] = match kind {
-            SP_UNKNOWN => token_type::UNKNOWN,
-            SP_CONTROL => token_type::CONTROL,
-            SP_UNUSED => token_type::UNUSED,
-            SP_BYTE => token_type::BYTE,
-            _ => token_type::NORMAL,
-        };
+        types[id] = piece_type(kind);
         tokens[id] = piece;
         scores[id] = score;
     }

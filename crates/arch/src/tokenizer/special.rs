@@ -6,11 +6,18 @@
 //!    (`RobertaProcessing`: all true; `TemplateProcessing`: from the single-sequence template).
 //! 2. `tokenizer_config.json`: `<type>_token` strings are looked up among `tokenizer.json`'s
 //!    `added_tokens` to get ids; explicit `add_<type>_token` booleans fill flags not yet decided.
-//! 3. `config.json`: `<type>_token_id` integers, for types still without an id.
+//! 3. `config.json`: `<type>_token_id` integers (or the same key in its `text_config` block when
+//!    the top level has none), for types still without an id.
 //!
 //! The first id found for a type wins; ids outside the vocabulary are ignored. The chat template
 //! comes from `tokenizer_config.json`'s `chat_template`, else `chat_template.jinja`, else
 //! `chat_template.json` (only when `tokenizer_config.json` exists, as in the converter).
+//!
+//! Written in gguf-py's order: merges, ids, add flags, chat template(s), then the normalizer flags
+//! from `tokenizer.json` (`normalizer.lowercase` when a `Lowercase` or lowercasing
+//! `BertNormalizer` is present, `normalizer.strip_accents` when a `StripAccents` or a
+//! `BertNormalizer` with a non-null `strip_accents` is). gguf-py has no writer for a `cls` id, so
+//! that type is tracked (it feeds bos/eos discovery) but never written.
 
 use kiln_types::{MetaArray, MetaValue};
 use serde_json::Value;
@@ -19,7 +26,7 @@ use crate::{ArchError, SideFiles};
 
 const DEFAULT_TYPES: &[&str] = &["bos", "eos", "unk", "sep", "pad", "cls", "mask"];
 
-/// GGUF key of a special token id.
+/// GGUF key of a special token id (`GGUFWriter.add_<type>_token_id`; there is none for `cls`).
 fn id_key(typ: &str) -> Option<&'static str> {
     Some(match typ {
         "bos" => "tokenizer.ggml.bos_token_id",
@@ -27,7 +34,6 @@ fn id_key(typ: &str) -> Option<&'static str> {
         "unk" => "tokenizer.ggml.unknown_token_id",
         "sep" => "tokenizer.ggml.seperator_token_id",
         "pad" => "tokenizer.ggml.padding_token_id",
-        "cls" => "tokenizer.ggml.cls_token_id",
         "mask" => "tokenizer.ggml.mask_token_id",
         "eot" => "tokenizer.ggml.eot_token_id",
         "eom" => "tokenizer.ggml.eom_token_id",
@@ -65,6 +71,10 @@ pub struct SpecialVocab {
     pub add: Vec<(String, bool)>,
     /// The chat template.
     pub chat_template: Option<ChatTemplate>,
+    /// `tokenizer.ggml.normalizer.lowercase` (written only when true, as gguf-py does).
+    pub normalizer_lowercase: bool,
+    /// `tokenizer.ggml.normalizer.strip_accents`, when the normalizer says.
+    pub normalizer_strip_accents: Option<bool>,
     types: Vec<String>,
     n_vocab: usize,
 }
@@ -82,9 +92,32 @@ impl SpecialVocab {
             ..Default::default()
         };
         sv.read_tokenizer_files(files, load_merges)?;
+        if load_merges && sv.merges.is_empty() {
+            if let Some(text) = files.text("merges.txt")? {
+                sv.merges = merges_txt(&text);
+            }
+        }
         if let Some(config) = files.json("config.json")? {
             for typ in sv.types.clone() {
-                sv.set_id(&typ, config.get(format!("{typ}_token_id")));
+                let key = format!("{typ}_token_id");
+                let id = match config.get(&key).filter(|v| !v.is_null()) {
+                    Some(v) => Some(v),
+                    None => config.get("text_config").and_then(|t| t.get(&key)),
+                };
+                sv.set_id(&typ, id);
+            }
+        }
+        // Last, and only for ids nothing above gave: `generation_config.json` (gguf-py does not
+        // read it, so a file that llama.cpp would leave without an eos id gets one here; where
+        // llama.cpp writes an id, kiln writes the same). A list means several stop tokens; the
+        // first is the primary one.
+        if let Some(generation) = files.json("generation_config.json")? {
+            for typ in ["bos", "eos", "pad"] {
+                let id = match generation.get(format!("{typ}_token_id")) {
+                    Some(Value::Array(ids)) => ids.first().cloned(),
+                    other => other.cloned(),
+                };
+                sv.set_id(typ, id.as_ref());
             }
         }
         Ok(sv)
@@ -122,7 +155,10 @@ impl SpecialVocab {
             .unwrap_or_default();
         if let Some(tok) = &tokenizer {
             if load_merges {
-                self.merges = read_merges(tok);
+                self.merges = read_merges(tok)?;
+            }
+            if let Some(norm) = tok.get("normalizer").filter(|n| !n.is_null()) {
+                self.parse_normalizer(norm);
             }
             self.post_processor_flags(tok, config.as_mut());
         }
@@ -155,6 +191,39 @@ impl SpecialVocab {
             self.set_id(&typ, id.as_ref());
         }
         Ok(())
+    }
+
+    /// `SpecialVocab._parse_normalizer`: lowercasing and accent stripping, also inside a
+    /// `Sequence`.
+    fn parse_normalizer(&mut self, norm: &Value) {
+        match norm.get("type").and_then(Value::as_str) {
+            Some("Lowercase") => self.normalizer_lowercase = true,
+            Some("StripAccents") => self.normalizer_strip_accents = Some(true),
+            Some("BertNormalizer") => {
+                // `normalizer.get('lowercase', True)`: missing means true, `null` is falsy.
+                let lowercase = match norm.get("lowercase") {
+                    None => true,
+                    Some(v) => v.as_bool().unwrap_or(false),
+                };
+                if lowercase {
+                    self.normalizer_lowercase = true;
+                }
+                if let Some(b) = norm.get("strip_accents").and_then(Value::as_bool) {
+                    self.normalizer_strip_accents = Some(b);
+                }
+            }
+            Some("Sequence") => {
+                for n in norm
+                    .get("normalizers")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    self.parse_normalizer(n);
+                }
+            }
+            _ => {}
+        }
     }
 
     /// The post-processor rules of `SpecialVocab._try_load_from_tokenizer_json`.
@@ -310,7 +379,8 @@ impl SpecialVocab {
         }
     }
 
-    /// The `tokenizer.*` keys, in gguf-py's order: merges, ids, add flags, chat template.
+    /// The `tokenizer.*` keys, in gguf-py's order: merges, ids, add flags, chat template,
+    /// normalizer flags.
     pub fn into_metadata(self) -> Vec<(String, MetaValue)> {
         let mut kv = Vec::new();
         if !self.merges.is_empty() {
@@ -369,6 +439,18 @@ impl SpecialVocab {
             }
             _ => {}
         }
+        if self.normalizer_lowercase {
+            kv.push((
+                "tokenizer.ggml.normalizer.lowercase".into(),
+                MetaValue::Bool(true),
+            ));
+        }
+        if let Some(b) = self.normalizer_strip_accents {
+            kv.push((
+                "tokenizer.ggml.normalizer.strip_accents".into(),
+                MetaValue::Bool(b),
+            ));
+        }
         kv
     }
 }
@@ -402,29 +484,54 @@ fn chat_template(files: &SideFiles, config: &Value) -> Result<Option<ChatTemplat
     Ok(None)
 }
 
-fn read_merges(tokenizer: &Value) -> Vec<String> {
+/// `model.merges` of `tokenizer.json`. The first entry decides the format, as in gguf-py:
+/// `"a b"` strings are taken as they are; `["a", "b"]` pairs (transformers 4.45+) are joined with
+/// a space after encoding spaces inside a part as U+0120 (the byte-level form of a space).
+pub(crate) fn read_merges(tokenizer: &Value) -> Result<Vec<String>, ArchError> {
     let Some(merges) = tokenizer
         .get("model")
         .and_then(|m| m.get("merges"))
         .and_then(Value::as_array)
     else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
-    merges
-        .iter()
-        .filter_map(|m| match m {
-            Value::String(s) => Some(s.clone()),
-            Value::Array(pair) if pair.len() == 2 => {
-                let part = |v: &Value| {
-                    v.as_str().map(|s| {
-                        s.chars()
-                            .map(|c| if c == ' ' { '\u{120}' } else { c })
-                            .collect::<String>()
+    let unknown = || ArchError::BadTokenizerJson("unknown `model.merges` format".into());
+    match merges.first() {
+        None => Ok(Vec::new()),
+        Some(Value::String(_)) => merges
+            .iter()
+            .map(|m| m.as_str().map(str::to_string).ok_or_else(unknown))
+            .collect(),
+        Some(Value::Array(first)) if first.len() == 2 && first[0].is_string() => merges
+            .iter()
+            .map(|m| {
+                let parts = m.as_array().ok_or_else(unknown)?;
+                let parts: Vec<String> = parts
+                    .iter()
+                    .map(|p| {
+                        p.as_str()
+                            .map(|s| s.replace(' ', "\u{120}"))
+                            .ok_or_else(unknown)
                     })
-                };
-                Some(format!("{} {}", part(&pair[0])?, part(&pair[1])?))
-            }
-            _ => None,
+                    .collect::<Result<_, _>>()?;
+                Ok(parts.join(" "))
+            })
+            .collect(),
+        Some(_) => Err(unknown()),
+    }
+}
+
+/// `merges.txt` (the slow tokenizers' file), read when `tokenizer.json` has no merges: an
+/// optional `#` header line, then one `a b` pair per line; malformed lines are skipped.
+fn merges_txt(text: &str) -> Vec<String> {
+    let mut lines = text.lines().peekable();
+    if lines.peek().is_some_and(|l| l.trim().starts_with('#')) {
+        lines.next();
+    }
+    lines
+        .filter_map(|line| {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            (parts.len() == 2).then(|| format!("{} {}", parts[0], parts[1]))
         })
         .collect()
 }
@@ -486,6 +593,23 @@ mod tests {
     }
 
     #[test]
+    fn generation_config_fills_only_missing_ids() {
+        let sv = SpecialVocab::load(
+            &files(&[
+                ("config.json", json!({"bos_token_id": 1})),
+                (
+                    "generation_config.json",
+                    json!({"bos_token_id": 7, "eos_token_id": [2, 3], "pad_token_id": null}),
+                ),
+            ]),
+            100,
+            false,
+        )
+        .unwrap();
+        assert_eq!(sv.ids, [("bos".to_string(), 1), ("eos".to_string(), 2)]);
+    }
+
+    #[test]
     fn template_processing_sets_add_flags() {
         let f = files(&[
             (
@@ -520,5 +644,74 @@ mod tests {
             sv.ids.iter().find(|(t, _)| t == "eos").map(|x| x.1),
             Some(102)
         );
+    }
+
+    #[test]
+    fn normalizer_flags_follow_the_converter() {
+        let f = files(&[(
+            "tokenizer.json",
+            json!({"normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "NFD"}, {"type": "Lowercase"}, {"type": "StripAccents"}]}}),
+        )]);
+        let kv = SpecialVocab::load(&f, 10, false).unwrap().into_metadata();
+        assert_eq!(
+            kv,
+            vec![
+                (
+                    "tokenizer.ggml.normalizer.lowercase".to_string(),
+                    MetaValue::Bool(true)
+                ),
+                (
+                    "tokenizer.ggml.normalizer.strip_accents".to_string(),
+                    MetaValue::Bool(true)
+                ),
+            ]
+        );
+        // A cased BertNormalizer with strip_accents unset writes nothing.
+        let f = files(&[(
+            "tokenizer.json",
+            json!({"normalizer": {"type": "BertNormalizer", "lowercase": false,
+                                  "strip_accents": null}}),
+        )]);
+        assert!(SpecialVocab::load(&f, 10, false)
+            .unwrap()
+            .into_metadata()
+            .is_empty());
+    }
+
+    #[test]
+    fn cls_ids_are_tracked_but_not_written() {
+        let f = files(&[(
+            "config.json",
+            json!({"cls_token_id": 5, "text_config": {"bos_token_id": 7}}),
+        )]);
+        let sv = SpecialVocab::load(&f, 10, false).unwrap();
+        assert_eq!(sv.ids, vec![("bos".to_string(), 7), ("cls".to_string(), 5)]);
+        let kv = sv.into_metadata();
+        assert_eq!(
+            kv,
+            vec![("tokenizer.ggml.bos_token_id".to_string(), MetaValue::U32(7))]
+        );
+    }
+
+    #[test]
+    fn merges_formats() {
+        let tok = json!({"model": {"merges": ["a b", "ab c"]}});
+        assert_eq!(read_merges(&tok).unwrap(), ["a b", "ab c"]);
+        let tok = json!({"model": {"merges": [["a", "b c"]]}});
+        assert_eq!(read_merges(&tok).unwrap(), ["a b\u{120}c"]);
+        let tok = json!({"model": {"merges": [1, 2]}});
+        assert!(matches!(
+            read_merges(&tok),
+            Err(ArchError::BadTokenizerJson(_))
+        ));
+        assert_eq!(
+            merges_txt("#version: 0.2\nh e\n\nhe llo\nbad\n"),
+            ["h e", "he llo"]
+        );
+        // merges.txt is the fallback when tokenizer.json has none.
+        let mut f = SideFiles::new();
+        f.insert("merges.txt", b"x y\n".to_vec());
+        assert_eq!(SpecialVocab::load(&f, 10, true).unwrap().merges, ["x y"]);
     }
 }
