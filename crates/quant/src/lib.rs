@@ -16,7 +16,10 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod affine;
 pub mod blocks;
+pub mod bnb;
+pub mod estimators;
 mod kernels;
 pub mod scalar;
 
