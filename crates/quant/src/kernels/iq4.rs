@@ -422,7 +422,10 @@ mod tests {
         #[test]
         fn iq4_nl_round_trip_error_is_bounded(
             x in interesting_row(),
-            w in prop::option::of(prop::collection::vec(0.0f32..10.0, 256)),
+            // Importance weights are positive: with weights of zero the search may fit the
+            // block to the other elements and leave a zero-weight outlier far off (ggml does the
+            // same; the bit-exact tests cover that case), so the error bound would not hold.
+            w in prop::option::of(prop::collection::vec(0.01f32..10.0, 256)),
         ) {
             let (q, y) = round_trip(GgmlType::IQ4_NL, &x, w.as_deref());
             for (b, block) in q.chunks_exact(18).enumerate() {
@@ -444,7 +447,10 @@ mod tests {
         #[test]
         fn iq4_xs_round_trip_error_is_bounded(
             x in interesting_row(),
-            w in prop::option::of(prop::collection::vec(0.0f32..10.0, 256)),
+            // Importance weights are positive: with weights of zero the search may fit the
+            // block to the other elements and leave a zero-weight outlier far off (ggml does the
+            // same; the bit-exact tests cover that case), so the error bound would not hold.
+            w in prop::option::of(prop::collection::vec(0.01f32..10.0, 256)),
         ) {
             let (q, y) = round_trip(GgmlType::IQ4_XS, &x, w.as_deref());
             let d = f16_bits_to_f32(u16::from_le_bytes([q[0], q[1]]));
