@@ -61,6 +61,19 @@ impl AtomicFile {
             path: dest.clone(),
             source: e,
         };
+        // The temporary file is private (0600); an artifact gets the permissions of the file it
+        // replaces, or the usual 0644, so that others (a model server, CI uploaders) can read it.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&dest)
+                .map(|m| m.permissions().mode() & 0o7777)
+                .unwrap_or(0o644);
+            self.temp
+                .as_file()
+                .set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(io)?;
+        }
         self.temp.as_file().sync_all().map_err(io)?;
         self.temp.persist(&dest).map_err(|e| io(e.error))?;
         #[cfg(unix)]
@@ -93,6 +106,19 @@ mod tests {
         }
         assert!(!dest.exists());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn committed_files_are_readable_by_others() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.gguf");
+        let mut f = AtomicFile::create(&dest).unwrap();
+        f.file().write_all(b"x").unwrap();
+        f.commit().unwrap();
+        let mode = std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
     }
 
     #[test]

@@ -328,11 +328,8 @@ impl<W: Write> GgufWriter<W> {
                 });
             }
         }
-        self.write_tensor_chunk(index, bytes)?;
-        if bytes.is_empty() {
-            self.close_current()?;
-        }
-        Ok(())
+        // A chunk that completes the tensor closes it, a zero-byte tensor included.
+        self.write_tensor_chunk(index, bytes)
     }
 
     fn close_current(&mut self) -> Result<(), WriteError> {
@@ -431,6 +428,25 @@ mod tests {
         assert_eq!(file.len, 128);
         assert_eq!(file.tensors[0].file_offset, 96);
         assert_eq!(file.xxh3, Xxh3Digest(xxhash_rust::xxh3::xxh3_64(&expected)));
+    }
+
+    #[test]
+    fn zero_byte_tensors_are_closed_once() {
+        let layout = GgufLayout::new(
+            vec![],
+            vec![
+                spec("empty", &[0], GgmlType::F32),
+                spec("b", &[2], GgmlType::F32),
+            ],
+            32,
+        )
+        .unwrap();
+        let mut w = GgufWriter::new(Vec::new(), layout).unwrap();
+        w.write_tensor(0, &[]).unwrap();
+        w.write_tensor(1, &[0; 8]).unwrap();
+        let (_, file) = w.finish().unwrap();
+        let names: Vec<&str> = file.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["empty", "b"]);
     }
 
     #[test]
