@@ -51,8 +51,11 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod activations;
+pub mod capture;
 mod imatrix;
 
+pub use activations::{ActivationStats, ActivationsError, HistogramSpec, ModuleStats};
 pub use imatrix::{Imatrix, ImatrixEntry, ImatrixFormat};
 
 /// Version of kiln's calibration-statistics representation (the meaning of [`ImatrixEntry`]'s sums

@@ -103,6 +103,36 @@ enum Command {
     /// Manifest tools.
     #[command(subcommand)]
     Manifest(ManifestCommand),
+    /// Capture calibration statistics: run a Llama-family checkpoint over tokenized text and
+    /// write every linear layer's input statistics (docs/calibration.md).
+    Calibrate {
+        /// Checkpoint folder or .safetensors file.
+        checkpoint: PathBuf,
+        /// Token ids: whitespace-separated (tools/tokenize_calib.py) or a JSON array.
+        #[arg(long)]
+        tokens: PathBuf,
+        /// Statistics file to write (safetensors).
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Tokens per chunk; each chunk starts with BOS and is evaluated on its own.
+        #[arg(long, default_value_t = 128)]
+        ctx: usize,
+        /// Use at most N chunks.
+        #[arg(long)]
+        chunks: Option<usize>,
+        /// Do not collect the Gram matrices XᵀX (GPTQ needs them).
+        #[arg(long)]
+        no_gram: bool,
+        /// Also collect a histogram of |x| per input, with this many bins (needs --hist-max).
+        #[arg(long, requires = "hist_max")]
+        hist_bins: Option<usize>,
+        /// Upper end of the histogram range; larger values count in the last bin.
+        #[arg(long, requires = "hist_bins")]
+        hist_max: Option<f32>,
+        /// Worker threads (default: all cores). The statistics do not depend on it.
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Describe a GGUF file, a .safetensors file or a checkpoint folder.
     Inspect {
         /// The file or folder.
@@ -194,7 +224,10 @@ fn exit_code(e: &PipelineError) -> u8 {
         | PipelineError::Imatrix { .. }
         | PipelineError::ImatrixFilter { .. }
         | PipelineError::ImatrixShape { .. }
-        | PipelineError::UnknownFormat(_) => 3,
+        | PipelineError::UnknownFormat(_)
+        | PipelineError::Calibration { .. }
+        | PipelineError::Tokens { .. }
+        | PipelineError::ActivationStats { .. } => 3,
         PipelineError::Write { .. } | PipelineError::OutputIsInput(_) => 4,
         _ => 1,
     }
@@ -305,6 +338,43 @@ fn run(cli: Cli) -> Result<(), PipelineError> {
             kiln_pipeline::verify::write_manifest_file(&output, &merged)?;
             Ok(())
         }
+        Command::Calibrate {
+            checkpoint,
+            tokens,
+            output,
+            ctx,
+            chunks,
+            no_gram,
+            hist_bins,
+            hist_max,
+            threads,
+        } => {
+            use kiln_pipeline::calibrate::{calibrate_to_file, CalibrateOptions, HistogramSpec};
+            let options = CalibrateOptions {
+                n_ctx: ctx,
+                chunks,
+                gram: !no_gram,
+                histogram: hist_bins
+                    .zip(hist_max)
+                    .map(|(bins, max)| HistogramSpec { bins, max }),
+                threads,
+            };
+            let report = calibrate_to_file(&access, &checkpoint, &tokens, &output, &options)?;
+            // Kept here rather than in `output` so the subcommand stays in one place.
+            #[allow(clippy::print_stdout)]
+            {
+                println!(
+                    "{}: {} chunks × {ctx} tokens = {} tokens in {:.2}s on {} threads ({:.0} tokens/s)",
+                    output.display(),
+                    report.chunks,
+                    report.tokens,
+                    report.seconds,
+                    report.threads,
+                    report.tokens_per_second()
+                );
+            }
+            Ok(())
+        }
         Command::Inspect { path, json, full } => {
             let inspection = kiln_pipeline::inspect(&path, &access)?;
             output::inspection(&inspection, json, full);
@@ -337,6 +407,11 @@ fn overrides(io: IoOverrides) -> Overrides {
 }
 
 fn build(recipe: &Recipe, access: &MmapAccess, run: &RunOptions) -> Result<(), PipelineError> {
+    if recipe.format.is_packed() {
+        let report = kiln_pipeline::build_packed(recipe, access, run.threads)?;
+        output::packed_report(&report, run.json, run.quiet);
+        return Ok(());
+    }
     let plan = kiln_pipeline::plan(recipe, access)?;
     let progress = progress::Bar::new(run.quiet);
     let options = BuildOptions {

@@ -246,6 +246,64 @@ fn meta_line(v: &MetaValue, full: bool) -> String {
     v.to_string()
 }
 
+pub(crate) fn packed_report(report: &kiln_pipeline::PackedReport, as_json: bool, quiet: bool) {
+    let mut o = String::new();
+    if as_json {
+        outln!(
+            o,
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        );
+        emit(&o);
+        return;
+    }
+    if quiet {
+        return;
+    }
+    let name_w = report
+        .tensors
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(0);
+    outln!(
+        o,
+        "  {:name_w$}  {:6}  {:6}  {:>12}  {:>12}  {:>10}",
+        "tensor",
+        "stored",
+        "method",
+        "out.err RTN",
+        "out.err now",
+        "w.rmse"
+    );
+    let num = |x: Option<f64>| x.map(|v| format!("{v:.4e}")).unwrap_or_else(|| "-".into());
+    for t in &report.tensors {
+        outln!(
+            o,
+            "  {:name_w$}  {:6}  {:6}  {:>12}  {:>12}  {:>10}",
+            t.name,
+            t.stored_as,
+            t.method.as_deref().unwrap_or("-"),
+            num(t.output_error_before),
+            num(t.output_error_after),
+            num(t.weight_rmse_after)
+        );
+    }
+    let ratio = report
+        .mean_error_ratio()
+        .map(|r| format!("; mean output error {:.1}% of round-to-nearest", 100.0 * r))
+        .unwrap_or_default();
+    outln!(
+        o,
+        "wrote {} ({}, {} in {} file(s)){ratio}",
+        report.output.display(),
+        report.format,
+        human_bytes(report.tensor_bytes),
+        report.files.len()
+    );
+    emit(&o);
+}
+
 pub(crate) fn inspection(ins: &Inspection, as_json: bool, full: bool) {
     let mut o = String::new();
     if as_json {

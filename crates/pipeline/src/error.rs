@@ -180,4 +180,72 @@ pub enum PipelineError {
     /// A file to inspect is neither GGUF nor safetensors.
     #[error("{0}: not a GGUF file, a safetensors file or a checkpoint folder")]
     UnknownFormat(PathBuf),
+    /// The calibration capture cannot run this checkpoint (configuration, tensors or tokens).
+    #[error("{path}: calibration: {source}")]
+    Calibration {
+        /// The checkpoint folder.
+        path: PathBuf,
+        /// What is wrong.
+        source: kiln_calib::capture::CaptureError,
+    },
+    /// A tokens file is malformed.
+    #[error("{path}: {problem}")]
+    Tokens {
+        /// The tokens file.
+        path: PathBuf,
+        /// What is wrong, and where.
+        problem: String,
+    },
+    /// An activation-statistics file is malformed (or the statistics cannot be serialized).
+    #[error("{path}: {source}")]
+    ActivationStats {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: kiln_calib::ActivationsError,
+    },
+    /// A packed output needs calibration statistics that the file does not have.
+    #[error("{path}: no activation statistics for `{module}` (needed by {method}); capture them with `kiln calibrate`")]
+    MissingCalibration {
+        /// The statistics file.
+        path: PathBuf,
+        /// The linear module.
+        module: String,
+        /// The method that needs them.
+        method: String,
+    },
+    /// A quantization method failed on a tensor.
+    #[error("tensor `{tensor}`: {source}")]
+    Method {
+        /// The tensor.
+        tensor: String,
+        /// What went wrong.
+        source: kiln_quant::methods::MethodError,
+    },
+    /// A packed tensor could not be encoded.
+    #[error("{source}")]
+    Packed {
+        /// What went wrong (it names the tensor).
+        #[from]
+        source: kiln_writer::packed::PackedError,
+    },
+    /// Writing a safetensors folder failed.
+    #[error("{path}: {source}")]
+    WriteSafetensors {
+        /// The output folder.
+        path: PathBuf,
+        /// What went wrong.
+        source: kiln_writer::safetensors::SafetensorsError,
+    },
+    /// bitsandbytes quantization refused a tensor.
+    #[error("tensor `{tensor}`: {source}")]
+    Bnb {
+        /// The tensor.
+        tensor: String,
+        /// What went wrong.
+        source: kiln_quant::bnb::BnbError,
+    },
+    /// The recipe asks for packed weights the format cannot hold together.
+    #[error("{0}")]
+    PackedRecipe(String),
 }

@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 
 mod build;
+pub mod calibrate;
 pub mod diff;
 mod error;
 mod imatrix;
@@ -23,6 +24,7 @@ mod input;
 mod inspect;
 mod json;
 mod model_report;
+mod packed;
 mod plan;
 pub mod provenance;
 pub mod verify;
@@ -32,6 +34,7 @@ pub use error::PipelineError;
 pub use inspect::{inspect, InspectedTensor, Inspection};
 pub use json::meta_to_json;
 pub use model_report::{model_report, DtypeCount, ModelReport, TokenizerReport};
+pub use packed::{build_packed, PackedReport, PackedTensorReport};
 pub use plan::{plan, BuildPlan, Decision, TensorPlan};
 
 pub use kiln_reader::MmapAccess;

@@ -252,6 +252,15 @@ fn decide(
         let mut ty = match a.choice {
             TypeChoice::Type(t) => t,
             TypeChoice::Keep | TypeChoice::Default => c.source_type,
+            // Recipe validation keeps packed types out of GGUF outputs.
+            TypeChoice::Packed(p) => {
+                return Err(PipelineError::Recipe(kiln_recipe::RecipeError::Conflict(
+                    format!(
+                        "{}: {p} is a packed safetensors type, not a GGUF type",
+                        c.name
+                    ),
+                )))
+            }
         };
         if let Some(reason) = c.pin {
             let pinned = if keep_pinned_type {

@@ -21,6 +21,7 @@ pub mod blocks;
 pub mod bnb;
 pub mod estimators;
 mod kernels;
+pub mod methods;
 pub mod scalar;
 
 use kiln_types::GgmlType;

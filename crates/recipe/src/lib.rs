@@ -15,6 +15,7 @@
 #![deny(missing_docs)]
 
 mod error;
+pub mod packed;
 pub mod presets;
 pub mod raw;
 mod rule;
@@ -24,6 +25,7 @@ use std::path::{Path, PathBuf};
 use kiln_types::{FileType, GgmlType};
 
 pub use error::RecipeError;
+pub use packed::{EstimatorChoice, Method, OutputFormat, PackedOptions, PackedType};
 pub use rule::{use_more_bits, LayerSet, ModelFacts, Rule, TensorNames};
 
 /// The recipe format version this kiln reads.
@@ -38,6 +40,8 @@ pub enum TypeChoice {
     Keep,
     /// The recipe's default type (a rule that says "no change from the default").
     Default,
+    /// A packed safetensors type (compressed-tensors integers, bitsandbytes NF4/FP4).
+    Packed(PackedType),
 }
 
 impl TypeChoice {
@@ -49,7 +53,9 @@ impl TypeChoice {
         if s.eq_ignore_ascii_case("default") {
             return Some(TypeChoice::Default);
         }
-        GgmlType::from_name(s).map(TypeChoice::Type)
+        GgmlType::from_name(s)
+            .map(TypeChoice::Type)
+            .or_else(|| PackedType::parse(s).map(TypeChoice::Packed))
     }
 }
 
@@ -59,6 +65,7 @@ impl std::fmt::Display for TypeChoice {
             TypeChoice::Type(t) => write!(f, "{t}"),
             TypeChoice::Keep => f.write_str("keep"),
             TypeChoice::Default => f.write_str("default"),
+            TypeChoice::Packed(p) => write!(f, "{p}"),
         }
     }
 }
@@ -132,6 +139,14 @@ pub struct Recipe {
     pub fallbacks: Vec<(GgmlType, GgmlType)>,
     /// Whether to record provenance (`kiln.*` keys and a manifest).
     pub provenance: bool,
+    /// What kind of artifact is built.
+    pub format: OutputFormat,
+    /// Packed outputs: the largest shard, as written (`5G`).
+    pub max_shard_size: Option<String>,
+    /// The activation statistics file for calibration-aware methods.
+    pub calibration: Option<PathBuf>,
+    /// Packed-type options of the default (and the base of every rule's).
+    pub packed_default: PackedOptions,
     /// The recipe as written (kept to record and rebuild it).
     pub raw: raw::RecipeFile,
 }
@@ -152,6 +167,8 @@ pub struct Assignment {
     pub imatrix_required: bool,
     /// Whether the fallback table applies.
     pub fallback: bool,
+    /// Packed-type options (method, estimator, group size, …).
+    pub packed: PackedOptions,
 }
 
 impl Recipe {
@@ -192,12 +209,43 @@ impl Recipe {
             ),
             None => None,
         };
+        let format = match raw.output.as_ref().and_then(|o| o.format.as_deref()) {
+            None => OutputFormat::Gguf,
+            Some(f) => OutputFormat::parse(f).ok_or_else(|| RecipeError::BadValue {
+                context: "output.format".into(),
+                value: f.to_string(),
+                expected: "gguf, compressed-tensors or bitsandbytes".into(),
+            })?,
+        };
+        let packed_default = raw
+            .quantize
+            .packed_fields()
+            .resolve(PackedOptions::default(), "quantize")?;
         let rules = raw
             .rules
             .into_iter()
             .enumerate()
-            .map(|(i, r)| Rule::compile(i, r))
+            .map(|(i, r)| Rule::compile(i, r, packed_default))
             .collect::<Result<Vec<_>, _>>()?;
+        let calibration = raw.calibration.as_ref().map(|c| resolve(c.stats.clone()));
+        let choices = std::iter::once(("quantize.default".to_string(), default, packed_default))
+            .chain(
+                rules
+                    .iter()
+                    .map(|r| (format!("rules[{}].type", r.index), r.choice, r.packed)),
+            );
+        for (context, choice, options) in choices {
+            check_choice(format, &context, choice)?;
+            if matches!(choice, TypeChoice::Packed(_))
+                && options.method.needs_calibration()
+                && calibration.is_none()
+            {
+                return Err(RecipeError::Conflict(format!(
+                    "{context}: method {:?} needs `[calibration] stats` (make it with `kiln calibrate`)",
+                    options.method
+                )));
+            }
+        }
         let type_list = |context: &str, names: &[String]| -> Result<Vec<GgmlType>, RecipeError> {
             names
                 .iter()
@@ -246,6 +294,13 @@ impl Recipe {
             allow_requantize: raw.quantize.allow_requantize,
             fallbacks,
             provenance,
+            format,
+            max_shard_size: original
+                .output
+                .as_ref()
+                .and_then(|o| o.max_shard_size.clone()),
+            calibration,
+            packed_default,
             raw: original,
         })
     }
@@ -264,8 +319,15 @@ impl Recipe {
                 imatrix_exclude: Vec::new(),
                 require_imatrix: Vec::new(),
                 allow_requantize: false,
+                method: None,
+                estimator: None,
+                group_size: None,
+                symmetric: None,
+                double_quant: None,
+                act_order: None,
             },
             rules: Vec::new(),
+            calibration: None,
             metadata: None,
             fallback: Default::default(),
         };
@@ -285,6 +347,10 @@ impl Recipe {
             allow_requantize: false,
             fallbacks: Vec::new(),
             provenance: true,
+            format: OutputFormat::Gguf,
+            max_shard_size: None,
+            calibration: None,
+            packed_default: PackedOptions::default(),
             raw,
         }
     }
@@ -314,6 +380,7 @@ impl Recipe {
             out.path = None;
         }
         raw.quantize.imatrix = None;
+        raw.calibration = None;
         serde_json::to_string(&raw).unwrap_or_default()
     }
 
@@ -336,6 +403,8 @@ impl Recipe {
                 provenance: None,
                 split_max_tensors: None,
                 split_max_size: None,
+                format: None,
+                max_shard_size: None,
             });
             out.split_max_tensors = overrides.split_max_tensors;
             out.split_max_size = overrides.split_max_size.clone();
@@ -402,15 +471,16 @@ impl Recipe {
                     let ordinal = ordinals[rule.index].as_ref().and_then(|o| o[i]);
                     rule.matches(t, model, ordinal, default_block)
                 });
-                let (rule, choice, use_imatrix, imatrix_required, fallback) = match hit {
+                let (rule, choice, use_imatrix, imatrix_required, fallback, packed) = match hit {
                     Some(r) => (
                         Some(r.index),
                         r.choice,
                         r.use_imatrix,
                         r.imatrix_required,
                         r.fallback,
+                        r.packed,
                     ),
-                    None => (None, self.default, true, true, true),
+                    None => (None, self.default, true, true, true, self.packed_default),
                 };
                 let choice = match choice {
                     TypeChoice::Default => self.default,
@@ -422,9 +492,39 @@ impl Recipe {
                     use_imatrix,
                     imatrix_required,
                     fallback,
+                    packed,
                 }
             })
             .collect()
+    }
+}
+
+/// Packed types only in packed formats, and only the ones that format stores; GGUF block types
+/// only in GGUF.
+fn check_choice(
+    format: OutputFormat,
+    context: &str,
+    choice: TypeChoice,
+) -> Result<(), RecipeError> {
+    let problem = match (format, choice) {
+        (OutputFormat::Gguf, TypeChoice::Packed(p)) => Some(format!(
+            "{p} is a packed safetensors type; set `[output] format = \"{}\"`",
+            match p.format() {
+                OutputFormat::Bitsandbytes => "bitsandbytes",
+                _ => "compressed-tensors",
+            }
+        )),
+        (f, TypeChoice::Packed(p)) if p.format() != f => {
+            Some(format!("{p} cannot be stored in this output format"))
+        }
+        (f, TypeChoice::Type(t)) if f.is_packed() && t.is_block_quantized() => Some(format!(
+            "{t} is a GGUF block type; packed outputs store F32, F16, BF16 or a packed type"
+        )),
+        _ => None,
+    };
+    match problem {
+        Some(p) => Err(RecipeError::Conflict(format!("{context}: {p}"))),
+        None => Ok(()),
     }
 }
 

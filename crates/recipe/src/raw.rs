@@ -42,6 +42,8 @@ pub struct RecipeFile {
     pub rules: Vec<RuleSection>,
     /// `general.*` metadata for the artifact.
     pub metadata: Option<MetadataSection>,
+    /// Calibration data for methods that need it (GPTQ, AWQ, LSQ).
+    pub calibration: Option<CalibrationSection>,
     /// Shape fallbacks: `TYPE = "FALLBACK"` pairs used when a tensor's rows are not a multiple of
     /// the chosen type's block size. When the fallback does not fit either, or no fallback is
     /// listed, the tensor is stored as F16.
@@ -56,6 +58,14 @@ pub struct InputSection {
     /// A Hugging Face checkpoint folder (sharded or not) or a single `.safetensors` file,
     /// relative to the recipe's folder unless absolute.
     pub path: PathBuf,
+}
+
+/// `[calibration]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CalibrationSection {
+    /// kiln's activation statistics file (`kiln calibrate`), relative to the recipe's folder.
+    pub stats: PathBuf,
 }
 
 /// `[output]`
@@ -76,6 +86,12 @@ pub struct OutputSection {
     /// Split the output into shards of at most this size (`500M`, `2G`: decimal units, counting
     /// tensor data as `gguf-split --split-max-size` does).
     pub split_max_size: Option<String>,
+    /// `gguf` (default), `compressed-tensors` or `bitsandbytes` (the last two write a Hugging
+    /// Face folder at `path`).
+    pub format: Option<String>,
+    /// Packed outputs: the largest safetensors shard (`5G`, `500M`); more than one shard gets
+    /// Hugging Face's `model.safetensors.index.json`.
+    pub max_shard_size: Option<String>,
 }
 
 /// `[quantize]`
@@ -110,6 +126,18 @@ pub struct QuantizeSection {
     /// always allowed.
     #[serde(default)]
     pub allow_requantize: bool,
+    /// Packed types: `rtn` (default), `gptq`, `awq` or `lsq`.
+    pub method: Option<String>,
+    /// Packed types: `minmax` (default), `percentile`, `mse` or `kl`.
+    pub estimator: Option<String>,
+    /// Packed integer types: input columns per scale (default 128) or `"channel"`.
+    pub group_size: Option<crate::packed::GroupSize>,
+    /// Packed integer types: zero point fixed at 0 (default `true`).
+    pub symmetric: Option<bool>,
+    /// bitsandbytes types: quantize the absmax values too (default `false`).
+    pub double_quant: Option<bool>,
+    /// GPTQ: process columns by decreasing Hessian diagonal (default `false`).
+    pub act_order: Option<bool>,
 }
 
 /// One `[[rules]]` entry. Selectors are combined with AND; at least one is required.
@@ -149,6 +177,18 @@ pub struct RuleSection {
     pub type_: String,
     /// A label shown by `kiln plan` instead of `rules[N]`.
     pub label: Option<String>,
+    /// Packed types: `rtn` (default), `gptq`, `awq` or `lsq`.
+    pub method: Option<String>,
+    /// Packed types: `minmax` (default), `percentile`, `mse` or `kl`.
+    pub estimator: Option<String>,
+    /// Packed integer types: input columns per scale (default 128) or `"channel"`.
+    pub group_size: Option<crate::packed::GroupSize>,
+    /// Packed integer types: zero point fixed at 0 (default `true`).
+    pub symmetric: Option<bool>,
+    /// bitsandbytes types: quantize the absmax values too (default `false`).
+    pub double_quant: Option<bool>,
+    /// GPTQ: process columns by decreasing Hessian diagonal (default `false`).
+    pub act_order: Option<bool>,
 }
 
 /// `when`: conditions on the model being converted. All given conditions must hold.
@@ -255,4 +295,32 @@ pub struct MetadataSection {
     /// an explicit GGUF type, e.g. `"my.count" = { u32 = 5 }` or `{ f32 = 0.5 }`.
     #[serde(default)]
     pub extra: toml::Table,
+}
+
+impl QuantizeSection {
+    /// The packed-type fields.
+    pub fn packed_fields(&self) -> crate::packed::PackedFields {
+        crate::packed::PackedFields {
+            method: self.method.clone(),
+            estimator: self.estimator.clone(),
+            group_size: self.group_size.clone(),
+            symmetric: self.symmetric,
+            double_quant: self.double_quant,
+            act_order: self.act_order,
+        }
+    }
+}
+
+impl RuleSection {
+    /// The packed-type fields.
+    pub fn packed_fields(&self) -> crate::packed::PackedFields {
+        crate::packed::PackedFields {
+            method: self.method.clone(),
+            estimator: self.estimator.clone(),
+            group_size: self.group_size.clone(),
+            symmetric: self.symmetric,
+            double_quant: self.double_quant,
+            act_order: self.act_order,
+        }
+    }
 }

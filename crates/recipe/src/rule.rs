@@ -228,6 +228,8 @@ pub struct Rule {
     pub imatrix_required: bool,
     /// Whether the fallback table applies to matching tensors.
     pub fallback: bool,
+    /// Packed-type options for matching tensors.
+    pub packed: crate::packed::PackedOptions,
     gguf_globs: Option<GlobSet>,
     hf_globs: Option<GlobSet>,
     gguf_regex: Option<Regex>,
@@ -277,7 +279,14 @@ fn layer_set(rule: usize, spec: &Option<LayersSpec>) -> Result<Option<LayerSet>,
 }
 
 impl Rule {
-    pub(crate) fn compile(index: usize, raw: RuleSection) -> Result<Rule, RecipeError> {
+    pub(crate) fn compile(
+        index: usize,
+        raw: RuleSection,
+        packed_default: crate::packed::PackedOptions,
+    ) -> Result<Rule, RecipeError> {
+        let packed = raw
+            .packed_fields()
+            .resolve(packed_default, &format!("rules[{index}]"))?;
         let choice = TypeChoice::parse(&raw.type_).ok_or_else(|| RecipeError::UnknownType {
             context: format!("rules[{index}].type"),
             name: raw.type_.clone(),
@@ -312,6 +321,7 @@ impl Rule {
             use_imatrix,
             imatrix_required,
             fallback: raw.fallback.unwrap_or(true),
+            packed,
             gguf_globs: raw.tensors.map(|g| globs(index, &g.to_vec())).transpose()?,
             hf_globs: raw
                 .hf_tensors

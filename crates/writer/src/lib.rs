@@ -1,4 +1,5 @@
-//! Output files: a streaming GGUF v3 writer, atomic file creation, and hashing while writing.
+//! Output files: streaming GGUF v3 and safetensors writers, packed weight layouts, atomic file
+//! creation, and hashing while writing.
 //!
 //! - [`GgufLayout`]: metadata plus tensor specs, laid out up front. Every offset is known from
 //!   shapes and types before any tensor byte exists, so the header is written first and tensor
@@ -8,6 +9,11 @@
 //!   whole file ([`WrittenFile`]), computed from the bytes as they pass (no second read).
 //! - [`AtomicFile`]: a temporary file beside the destination, renamed over it only on
 //!   [`AtomicFile::commit`]; dropped without commit, it is deleted, so a failed run leaves no file.
+//! - [`safetensors`]: the same streaming discipline for safetensors files, Hugging Face's sharding
+//!   and index, and a folder writer that commits shards, index and side files together.
+//! - [`packed`]: the tensors and `quantization_config` blocks of compressed-tensors and
+//!   bitsandbytes checkpoints, built from plain integer/code arrays (this crate does not depend on
+//!   the quantizers).
 //!
 //! Layout rules follow llama.cpp's writers (`gguf.cpp`, `gguf_writer.py`): KV order as given,
 //! tensor infos in the given order, data in the same order, each tensor at the previous one's end
@@ -20,6 +26,8 @@
 mod atomic;
 mod gguf;
 mod hashing;
+pub mod packed;
+pub mod safetensors;
 pub mod split;
 
 pub use atomic::AtomicFile;

@@ -1,0 +1,201 @@
+//! JSON text as Python's `json.dumps(value, indent=2, ensure_ascii=True)` writes it, which is how
+//! transformers writes `config.json` and `model.safetensors.index.json` (plus a final newline,
+//! added by the callers), and how llm-compressor writes the `quantization_config` block.
+//!
+//! `serde_json`'s pretty printer differs in three ways that matter for identical files: floats
+//! (`1e-5` where Python writes `1e-05`), non-ASCII text (written raw where Python escapes it as
+//! `\uXXXX`) and DEL (`\u007f` in Python). Hence this small serializer.
+
+use serde_json::Value;
+
+/// `json.dumps(value, indent=2, sort_keys=sort_keys)` with Python's defaults otherwise:
+/// separators `,` and `: ` (the defaults when indenting), ASCII-only output, floats as Python's
+/// `repr`. Object keys keep their stored order unless `sort_keys`. No final
+/// newline.
+pub fn to_python_json(value: &Value, sort_keys: bool) -> String {
+    let mut out = String::new();
+    write_value(&mut out, value, 0, sort_keys);
+    out
+}
+
+fn newline(out: &mut String, level: usize) {
+    out.push('\n');
+    for _ in 0..level {
+        out.push_str("  ");
+    }
+}
+
+fn write_value(out: &mut String, value: &Value, level: usize, sort_keys: bool) {
+    match value {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                out.push_str(&i.to_string());
+            } else if let Some(u) = n.as_u64() {
+                out.push_str(&u.to_string());
+            } else if let Some(f) = n.as_f64() {
+                out.push_str(&python_float_repr(f));
+            } else {
+                // Only reachable with serde_json's arbitrary-precision numbers; their text is
+                // already a JSON number.
+                out.push_str(&n.to_string());
+            }
+        }
+        Value::String(s) => write_string(out, s),
+        Value::Array(items) => {
+            if items.is_empty() {
+                out.push_str("[]");
+                return;
+            }
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                newline(out, level + 1);
+                write_value(out, item, level + 1, sort_keys);
+            }
+            newline(out, level);
+            out.push(']');
+        }
+        Value::Object(map) => {
+            if map.is_empty() {
+                out.push_str("{}");
+                return;
+            }
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            if sort_keys {
+                // Python sorts str keys by code point, which is UTF-8 byte order.
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+            }
+            out.push('{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                newline(out, level + 1);
+                write_string(out, k);
+                out.push_str(": ");
+                write_value(out, v, level + 1, sort_keys);
+            }
+            newline(out, level);
+            out.push('}');
+        }
+    }
+}
+
+/// A string literal as `json.dumps` writes it with `ensure_ascii=True`: everything outside
+/// printable ASCII (space to `~`) escaped, with the short forms for `\n`, `\r`, `\t`, `\b`, `\f`.
+fn write_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            ' '..='~' => out.push(c),
+            _ => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
+    }
+    out.push('"');
+}
+
+/// Python's `repr(float)`: the shortest digits that read back to the same double, positional
+/// when the decimal exponent is in `-4..16`, otherwise `d.ddde±XX`; integral values keep `.0`;
+/// non-finite values as `json.dumps` spells them.
+///
+/// The same routine exists in `kiln-quant` (`bnb::python_float_repr`, for the quant-state JSON);
+/// format crates do not depend on `kiln-quant`, hence the copy.
+fn python_float_repr(x: f64) -> String {
+    if x.is_nan() {
+        return "NaN".to_string();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { "Infinity" } else { "-Infinity" }.to_string();
+    }
+    let sign = if x.is_sign_negative() { "-" } else { "" };
+    if x == 0.0 {
+        return format!("{sign}0.0");
+    }
+    // Rust's `{:e}` prints the same shortest round-trip digits as Python's repr.
+    let sci = format!("{:e}", x.abs());
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    // x = 0.DIGITS × 10^decpt.
+    let decpt = exp + 1;
+    let n = digits.len() as i32;
+    let body = if decpt <= -4 || decpt > 16 {
+        let (first, rest) = digits.split_at(1);
+        let frac = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
+        let e = decpt - 1;
+        let esign = if e < 0 { '-' } else { '+' };
+        format!("{first}{frac}e{esign}{:02}", e.abs())
+    } else if decpt <= 0 {
+        format!("0.{}{digits}", "0".repeat((-decpt) as usize))
+    } else if decpt >= n {
+        format!("{digits}{}.0", "0".repeat((decpt - n) as usize))
+    } else {
+        let (int, frac) = digits.split_at(decpt as usize);
+        format!("{int}.{frac}")
+    };
+    format!("{sign}{body}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floats_as_python_repr() {
+        for (x, s) in [
+            (1e-5, "1e-05"),
+            (1e-4, "0.0001"),
+            (6.0, "6.0"),
+            (10000.0, "10000.0"),
+            (1e16, "1e+16"),
+            (1234567890123456.0, "1234567890123456.0"),
+            (0.1, "0.1"),
+            (-2.5e-7, "-2.5e-07"),
+            (0.027300000190734863, "0.027300000190734863"),
+            (-0.0, "-0.0"),
+            (1.5e300, "1.5e+300"),
+        ] {
+            assert_eq!(python_float_repr(x), s, "{x}");
+        }
+    }
+
+    #[test]
+    fn layout_matches_json_dumps() {
+        // json.dumps({"b": [1, 2.0, None, True], "a": {}, "c": [], "é\x7f": "x\u2028"},
+        //            indent=2, sort_keys=...)
+        let v: Value = serde_json::from_str(
+            r#"{"b": [1, 2.0, null, true], "a": {}, "c": [], "é\u007f": "x\u2028", "d": {"z": -3}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            to_python_json(&v, false),
+            "{\n  \"b\": [\n    1,\n    2.0,\n    null,\n    true\n  ],\n  \"a\": {},\n  \
+             \"c\": [],\n  \"\\u00e9\\u007f\": \"x\\u2028\",\n  \"d\": {\n    \"z\": -3\n  }\n}"
+        );
+        assert!(to_python_json(&v, true).starts_with("{\n  \"a\": {},\n  \"b\": ["));
+        assert_eq!(
+            to_python_json(&Value::String("\u{1F600}\u{1}".into()), false),
+            "\"\\ud83d\\ude00\\u0001\""
+        );
+    }
+}
