@@ -544,19 +544,7 @@ fn llama3_rope_freqs(hp: &HParams) -> Result<Vec<GeneratedTensor>, ArchError> {
     }
     let num = |k: &str, d: f64| rope.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
     let base = num("rope_theta", 10000.0) as f32;
-    let dim = match hp.find_u32(&["head_dim"])? {
-        Some(d) => d,
-        None => {
-            let hidden = hp.require_u32(&["hidden_size"])?;
-            let heads = hp.require_u32(&["num_attention_heads"])?;
-            hidden
-                .checked_div(heads)
-                .ok_or_else(|| ArchError::BadHParam {
-                    key: "num_attention_heads".into(),
-                    problem: "must not be 0".into(),
-                })?
-        }
-    };
+    let dim = hp.head_dim()?;
     let factor = num("factor", 8.0);
     let low = num("low_freq_factor", 1.0);
     let high = num("high_freq_factor", 4.0);

@@ -233,6 +233,22 @@ impl HParams {
         })
     }
 
+    /// `head_dim`, or `hidden_size / num_attention_heads` when the config has none (the
+    /// converter's rule for Llama's rope dimension and rope factors).
+    pub fn head_dim(&self) -> Result<u32, ArchError> {
+        if let Some(d) = self.find_u32(&["head_dim"])? {
+            return Ok(d);
+        }
+        let hidden = self.require_u32(&["hidden_size"])?;
+        let heads = self.require_u32(&["num_attention_heads"])?;
+        hidden
+            .checked_div(heads)
+            .ok_or_else(|| ArchError::BadHParam {
+                key: "num_attention_heads".into(),
+                problem: "must not be 0".into(),
+            })
+    }
+
     /// The first of `keys` as a number.
     pub fn find_f64(&self, keys: &[&str]) -> Result<Option<f64>, ArchError> {
         match self.find(keys) {

@@ -283,20 +283,7 @@ fn family_params(kind: Kind, kv: &mut Kv<'_>, files: &SideFiles) -> Result<(), A
     match kind {
         Kind::Llama => {
             kv.u32_from("vocab_size", &["vocab_size"])?;
-            let rope_dim = match hp.find_u32(&["head_dim"])? {
-                Some(d) => d,
-                None => {
-                    let hidden = hp.require_u32(&["hidden_size"])?;
-                    let heads = hp.require_u32(&["num_attention_heads"])?;
-                    hidden
-                        .checked_div(heads)
-                        .ok_or_else(|| ArchError::BadHParam {
-                            key: "num_attention_heads".into(),
-                            problem: "must not be 0".into(),
-                        })?
-                }
-            };
-            kv.push_arch("rope.dimension_count", MetaValue::U32(rope_dim));
+            kv.push_arch("rope.dimension_count", MetaValue::U32(hp.head_dim()?));
         }
         Kind::Qwen2 | Kind::Qwen3 => {
             if let Some(pooling) = pooling_type(files)? {

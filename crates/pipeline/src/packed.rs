@@ -21,8 +21,8 @@ use kiln_quant::estimators::Estimator;
 use kiln_quant::methods::{self, Calibration, GptqConfig, Method as QMethod};
 use kiln_reader::{Checkpoint, MmapAccess, TensorEntry};
 use kiln_recipe::{
-    EstimatorChoice, Method, ModelFacts, OutputFormat, PackedOptions, PackedType, Recipe,
-    TensorNames, TypeChoice,
+    EstimatorChoice, Method, OutputFormat, PackedOptions, PackedType, Recipe, TensorNames,
+    TypeChoice,
 };
 use kiln_types::GgmlType;
 use kiln_writer::packed::{bnb as wbnb, compressed_tensors as ct, PackedTensor};
@@ -192,27 +192,9 @@ pub fn build_packed(
             ne: &nes[i],
         })
         .collect();
-    let n_head = hp
-        .find_u32(&["num_attention_heads"])
-        .map_err(arch_err)?
-        .unwrap_or(1);
-    let n_head_kv = hp
-        .find_u32(&["num_key_value_heads"])
-        .map_err(arch_err)?
-        .unwrap_or(n_head);
-    let model = ModelFacts {
-        block_count: hp
-            .find_u32(&["num_hidden_layers", "n_layers"])
-            .map_err(arch_err)?
-            .unwrap_or(0),
-        gqa: n_head.checked_div(n_head_kv).unwrap_or(1),
-        experts: hp
-            .find_u32(&["num_local_experts", "num_experts"])
-            .map_err(arch_err)?
-            .unwrap_or(0),
-        tied_embeddings: !gguf_names.iter().any(|n| n == "output.weight"),
-        imatrix: false,
-    };
+    let model =
+        crate::plan::model_facts(&hp, !gguf_names.iter().any(|n| n == "output.weight"), false)
+            .map_err(arch_err)?;
     let assignments = recipe.assign(&names, &model);
 
     let stats = match &recipe.calibration {

@@ -539,27 +539,12 @@ fn plan_checkpoint(
     if !unmapped.is_empty() {
         return Err(not_understood(Some(unmapped)));
     }
-    let n_head = hp
-        .find_u32(&["num_attention_heads"])
-        .map_err(arch_err)?
-        .unwrap_or(1);
-    let n_head_kv = hp
-        .find_u32(&["num_key_value_heads"])
-        .map_err(arch_err)?
-        .unwrap_or(n_head);
-    let model = ModelFacts {
-        block_count: hp
-            .find_u32(&["n_layers", "num_hidden_layers", "n_layer", "num_layers"])
-            .map_err(arch_err)?
-            .unwrap_or(0),
-        gqa: n_head.checked_div(n_head_kv).unwrap_or(1),
-        experts: hp
-            .find_u32(&["num_local_experts", "num_experts"])
-            .map_err(arch_err)?
-            .unwrap_or(0),
-        tied_embeddings: !candidates.iter().any(|c| c.name == "output.weight"),
-        imatrix: imatrix.is_some(),
-    };
+    let model = model_facts(
+        &hp,
+        !candidates.iter().any(|c| c.name == "output.weight"),
+        imatrix.is_some(),
+    )
+    .map_err(arch_err)?;
     let mut inputs = hash_files(
         checkpoint
             .shard_files()
@@ -651,6 +636,27 @@ fn plan_checkpoint(
         provenance: false,
         split: None,
         source,
+    })
+}
+
+/// What recipe conditions can see of a Hugging Face checkpoint's model.
+pub(crate) fn model_facts(
+    hp: &HParams,
+    tied_embeddings: bool,
+    imatrix: bool,
+) -> Result<ModelFacts, kiln_arch::ArchError> {
+    let n_head = hp.find_u32(&["num_attention_heads"])?.unwrap_or(1);
+    let n_head_kv = hp.find_u32(&["num_key_value_heads"])?.unwrap_or(n_head);
+    Ok(ModelFacts {
+        block_count: hp
+            .find_u32(&["n_layers", "num_hidden_layers", "n_layer", "num_layers"])?
+            .unwrap_or(0),
+        gqa: n_head.checked_div(n_head_kv).unwrap_or(1),
+        experts: hp
+            .find_u32(&["num_local_experts", "num_experts"])?
+            .unwrap_or(0),
+        tied_embeddings,
+        imatrix,
     })
 }
 
