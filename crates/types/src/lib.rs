@@ -14,7 +14,9 @@
 mod ftype;
 mod ggml;
 mod meta;
+mod pyrepr;
 
 pub use ftype::{FileType, FILE_TYPES};
 pub use ggml::{GgmlType, TypeInfo, GGML_TYPES};
 pub use meta::{MetaArray, MetaValue, MetaValueType};
+pub use pyrepr::python_float_repr;

@@ -35,7 +35,7 @@ fn write_value(out: &mut String, value: &Value, level: usize, sort_keys: bool) {
             } else if let Some(u) = n.as_u64() {
                 out.push_str(&u.to_string());
             } else if let Some(f) = n.as_f64() {
-                out.push_str(&python_float_repr(f));
+                out.push_str(&kiln_types::python_float_repr(f));
             } else {
                 // Only reachable with serde_json's arbitrary-precision numbers; their text is
                 // already a JSON number.
@@ -110,52 +110,6 @@ fn write_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// Python's `repr(float)`: the shortest digits that read back to the same double, positional
-/// when the decimal exponent is in `-4..16`, otherwise `d.ddde±XX`; integral values keep `.0`;
-/// non-finite values as `json.dumps` spells them.
-///
-/// The same routine exists in `kiln-quant` (`bnb::python_float_repr`, for the quant-state JSON);
-/// format crates do not depend on `kiln-quant`, hence the copy.
-fn python_float_repr(x: f64) -> String {
-    if x.is_nan() {
-        return "NaN".to_string();
-    }
-    if x.is_infinite() {
-        return if x > 0.0 { "Infinity" } else { "-Infinity" }.to_string();
-    }
-    let sign = if x.is_sign_negative() { "-" } else { "" };
-    if x == 0.0 {
-        return format!("{sign}0.0");
-    }
-    // Rust's `{:e}` prints the same shortest round-trip digits as Python's repr.
-    let sci = format!("{:e}", x.abs());
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
-    // x = 0.DIGITS × 10^decpt.
-    let decpt = exp + 1;
-    let n = digits.len() as i32;
-    let body = if decpt <= -4 || decpt > 16 {
-        let (first, rest) = digits.split_at(1);
-        let frac = if rest.is_empty() {
-            String::new()
-        } else {
-            format!(".{rest}")
-        };
-        let e = decpt - 1;
-        let esign = if e < 0 { '-' } else { '+' };
-        format!("{first}{frac}e{esign}{:02}", e.abs())
-    } else if decpt <= 0 {
-        format!("0.{}{digits}", "0".repeat((-decpt) as usize))
-    } else if decpt >= n {
-        format!("{digits}{}.0", "0".repeat((decpt - n) as usize))
-    } else {
-        let (int, frac) = digits.split_at(decpt as usize);
-        format!("{int}.{frac}")
-    };
-    format!("{sign}{body}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,7 +129,7 @@ mod tests {
             (-0.0, "-0.0"),
             (1.5e300, "1.5e+300"),
         ] {
-            assert_eq!(python_float_repr(x), s, "{x}");
+            assert_eq!(kiln_types::python_float_repr(x), s, "{x}");
         }
     }
 

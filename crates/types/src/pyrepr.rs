@@ -1,0 +1,77 @@
+//! Python's `repr(float)`, which is also how `json.dumps` writes floats. Several of kiln's
+//! outputs must match files written by Python (bitsandbytes' quant-state JSON, Hugging Face
+//! `config.json` and shard indexes), so the quantizers and the writers share this one routine.
+
+/// A float as Python's `repr` (and therefore `json.dumps`) writes it: the shortest digits that
+/// round-trip, in positional notation when the decimal exponent is in `-4..16`, otherwise as
+/// `d.ddde±XX`; integral values keep a `.0`. Non-finite values are spelled as `json.dumps` does
+/// (`NaN`, `Infinity`, `-Infinity`).
+pub fn python_float_repr(x: f64) -> String {
+    if x.is_nan() {
+        return "NaN".to_string();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { "Infinity" } else { "-Infinity" }.to_string();
+    }
+    let sign = if x.is_sign_negative() { "-" } else { "" };
+    if x == 0.0 {
+        return format!("{sign}0.0");
+    }
+    // Rust's `{:e}` gives the same shortest round-trip digits as Python's repr (both pick the
+    // shortest string that reads back to x, nearest to x among those).
+    let sci = format!("{:e}", x.abs());
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    // Position of the decimal point relative to the digit string: x = 0.DIGITS * 10^decpt.
+    let decpt = exp + 1;
+    let n = digits.len() as i32;
+    let body = if decpt <= -4 || decpt > 16 {
+        let (first, rest) = digits.split_at(1);
+        let frac = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
+        let e = decpt - 1;
+        let esign = if e < 0 { '-' } else { '+' };
+        format!("{first}{frac}e{esign}{:02}", e.abs())
+    } else if decpt <= 0 {
+        format!("0.{}{digits}", "0".repeat((-decpt) as usize))
+    } else if decpt >= n {
+        format!("{digits}{}.0", "0".repeat((decpt - n) as usize))
+    } else {
+        let (int, frac) = digits.split_at(decpt as usize);
+        format!("{int}.{frac}")
+    };
+    format!("{sign}{body}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_repr_matches_known_spellings() {
+        let cases: &[(f64, &str)] = &[
+            (0.0, "0.0"),
+            (-0.0, "-0.0"),
+            (1.0, "1.0"),
+            (0.1, "0.1"),
+            (1e-4, "0.0001"),
+            (1e-5, "1e-05"),
+            (1.5e-5, "1.5e-05"),
+            (123.25, "123.25"),
+            (1e15, "1000000000000000.0"),
+            (1e16, "1e+16"),
+            (1.2345e17, "1.2345e+17"),
+            (-2.5e-7, "-2.5e-07"),
+            (f64::from(0.178_499_94_f32), "0.17849993705749512"),
+            (f64::NAN, "NaN"),
+            (f64::INFINITY, "Infinity"),
+        ];
+        for &(x, want) in cases {
+            assert_eq!(python_float_repr(x), want, "{x:e}");
+        }
+    }
+}
