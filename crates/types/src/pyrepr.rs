@@ -17,9 +17,21 @@ pub fn python_float_repr(x: f64) -> String {
     if x == 0.0 {
         return format!("{sign}0.0");
     }
-    // Rust's `{:e}` gives the same shortest round-trip digits as Python's repr (both pick the
-    // shortest string that reads back to x, nearest to x among those).
-    let sci = format!("{:e}", x.abs());
+    // Rust's `{:e}` gives the shortest digit count that round-trips, as Python's repr does. Among
+    // strings of that length Python takes the one nearest to x with ties to even, which is the
+    // exact rounding to that many digits; Rust's shortest mode can round a tie up instead (an f32
+    // widened to f64 may lie exactly halfway), so the exact rounding is used when it round-trips.
+    let shortest = format!("{:e}", x.abs());
+    let count = shortest
+        .split('e')
+        .next()
+        .map_or(1, |m| m.chars().filter(char::is_ascii_digit).count());
+    let nearest = format!("{:.*e}", count.saturating_sub(1), x.abs());
+    let sci = if nearest.parse::<f64>() == Ok(x.abs()) {
+        nearest
+    } else {
+        shortest
+    };
     let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
     let exp: i32 = exp.parse().unwrap_or(0);
     let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
@@ -51,6 +63,8 @@ pub fn python_float_repr(x: f64) -> String {
 mod tests {
     use super::*;
 
+    // The tie case is written as its exact decimal value on purpose.
+    #[allow(clippy::excessive_precision)]
     #[test]
     fn python_repr_matches_known_spellings() {
         let cases: &[(f64, &str)] = &[
@@ -67,6 +81,10 @@ mod tests {
             (1.2345e17, "1.2345e+17"),
             (-2.5e-7, "-2.5e-07"),
             (f64::from(0.178_499_94_f32), "0.17849993705749512"),
+            // Exactly halfway between two 17-digit strings: Python rounds the tie to even.
+            (0.171_222_686_767_578_125, "0.17122268676757812"),
+            (5e-324, "5e-324"),
+            (2.5, "2.5"),
             (f64::NAN, "NaN"),
             (f64::INFINITY, "Infinity"),
         ];
