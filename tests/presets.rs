@@ -314,3 +314,23 @@ fn imatrix_types_are_refused_without_one() {
     let recipe = preset_recipe("IQ3_S", &fixture("tiny-llama"), &dir.path().join("x.gguf"));
     assert!(plan(&recipe, &access()).is_ok());
 }
+
+/// Every recipe shipped in `recipes/` and `recipes/examples/` is valid (the schema is strict, so a
+/// renamed key would otherwise go unnoticed until someone runs the example).
+#[test]
+fn every_shipped_recipe_is_valid() {
+    let mut checked = 0;
+    for dir in ["recipes", "recipes/examples"] {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(repo().join(dir))
+            .expect("recipes folder")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        paths.sort();
+        for path in paths {
+            Recipe::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 6, "{checked} recipes");
+}

@@ -81,6 +81,9 @@ enum Command {
         /// The importance matrix to rebuild with, if the build used one (with --rebuild).
         #[arg(long)]
         imatrix: Option<PathBuf>,
+        /// The activation statistics to rebuild with, if the build used GPTQ (with --rebuild).
+        #[arg(long)]
+        calibration: Option<PathBuf>,
         #[command(flatten)]
         run: RunOptions,
     },
@@ -170,6 +173,9 @@ struct IoOverrides {
     /// Importance matrix, llama.cpp GGUF or legacy .dat (overrides the recipe's quantize.imatrix).
     #[arg(long)]
     imatrix: Option<PathBuf>,
+    /// Activation statistics from `kiln calibrate` (overrides the recipe's calibration.stats).
+    #[arg(long)]
+    calibration: Option<PathBuf>,
     /// Split the output into shards of at most N tensors (gguf-split's --split-max-tensors).
     #[arg(long, conflicts_with = "split_max_size")]
     split_max_tensors: Option<usize>,
@@ -214,7 +220,10 @@ fn exit_code(e: &PipelineError) -> u8 {
         | PipelineError::NoInput
         | PipelineError::NoOutput
         | PipelineError::ImatrixRequired { .. }
-        | PipelineError::RequantizeNotAllowed { .. } => 2,
+        | PipelineError::RequantizeNotAllowed { .. }
+        | PipelineError::PackedRecipe(_)
+        | PipelineError::NoCalibration { .. }
+        | PipelineError::MethodNotApplicable { .. } => 2,
         PipelineError::Read(_)
         | PipelineError::Arch { .. }
         | PipelineError::NotUnderstood { .. }
@@ -227,7 +236,9 @@ fn exit_code(e: &PipelineError) -> u8 {
         | PipelineError::UnknownFormat(_)
         | PipelineError::Calibration { .. }
         | PipelineError::Tokens { .. }
-        | PipelineError::ActivationStats { .. } => 3,
+        | PipelineError::ActivationStats { .. }
+        | PipelineError::MissingCalibration { .. }
+        | PipelineError::CalibrationShape { .. } => 3,
         PipelineError::Write { .. } | PipelineError::OutputIsInput(_) => 4,
         _ => 1,
     }
@@ -290,6 +301,7 @@ fn run(cli: Cli) -> Result<(), PipelineError> {
             rebuild,
             input,
             imatrix,
+            calibration,
             run,
         } => {
             let report = match (rebuild, input) {
@@ -298,6 +310,7 @@ fn run(cli: Cli) -> Result<(), PipelineError> {
                     manifest.as_deref(),
                     &input,
                     imatrix.as_deref(),
+                    calibration.as_deref(),
                     &BuildOptions {
                         threads: run.threads,
                         ..BuildOptions::default()
@@ -401,6 +414,7 @@ fn overrides(io: IoOverrides) -> Overrides {
         input: io.input,
         output: io.output,
         imatrix: io.imatrix,
+        calibration: io.calibration,
         split_max_tensors: io.split_max_tensors,
         split_max_size: io.split_max_size,
     }

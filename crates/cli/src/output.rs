@@ -1,7 +1,7 @@
 //! Everything kiln prints. The only module allowed to write to stdout and stderr.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-use kiln_pipeline::{meta_to_json, BuildPlan, Inspection, PipelineError, Report};
+use kiln_pipeline::{meta_to_json, BuildPlan, Inspection, PipelineError, Report, WeightMethod};
 use std::fmt::Write as _;
 use std::io::Write as _;
 
@@ -70,6 +70,7 @@ pub(crate) fn plan(plan: &BuildPlan, as_json: bool) {
                     "shape": t.ne,
                     "type": t.ty.to_string(),
                     "decision": t.decision.to_string(),
+                    "method": t.method.to_string(),
                     "bytes": t.nbytes,
                 })
             })
@@ -126,9 +127,13 @@ pub(crate) fn plan(plan: &BuildPlan, as_json: bool) {
         "size"
     );
     for (i, t) in plan.tensors.iter().enumerate() {
+        let method = match &t.method {
+            WeightMethod::Kernel => String::new(),
+            other => format!("; {other}"),
+        };
         outln!(
             o,
-            "{:>4}  {:name_w$}  {:shape_w$}  {:5} → {:7}  {:>10}  {}",
+            "{:>4}  {:name_w$}  {:shape_w$}  {:5} → {:7}  {:>10}  {}{method}",
             i,
             t.name,
             shape(&t.ne),
@@ -234,6 +239,13 @@ pub(crate) fn report(report: &Report, as_json: bool, quiet: bool) {
         report.rmse,
         report.bpw
     );
+    if let Some((n, ratio)) = report.mean_output_error_ratio() {
+        outln!(
+            o,
+            "gptq on {n} tensors: mean output error on calibration data {:.1}% of the kernel's rounding",
+            100.0 * ratio
+        );
+    }
     emit(&o);
 }
 

@@ -14,7 +14,7 @@ use kiln_writer::{AtomicFile, GgufLayout, GgufWriter, TensorSpec};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::plan::{BuildPlan, TensorPlan};
+use crate::plan::{BuildPlan, TensorPlan, WeightMethod};
 use crate::PipelineError;
 
 /// Receives progress events. Implementations must be cheap; calls come from the writing thread.
@@ -77,6 +77,25 @@ impl ErrorSums {
     }
 }
 
+/// Output errors on calibration data (each `/ n`, the number of calibration rows), for tensors
+/// a calibration-aware method produced.
+#[derive(Debug, Clone, Copy)]
+struct OutputErrors {
+    /// ‖XWᵀ − XQᵀ‖² of the kernel's own rounding.
+    before: f64,
+    /// The same for the stored values.
+    after: f64,
+    /// ‖XWᵀ‖².
+    energy: f64,
+}
+
+/// What writing one tensor measured.
+#[derive(Debug, Clone, Copy, Default)]
+struct TensorOutcome {
+    errors: ErrorSums,
+    output: Option<OutputErrors>,
+}
+
 /// One written tensor.
 #[derive(Debug, Clone, Serialize)]
 pub struct TensorReport {
@@ -106,6 +125,19 @@ pub struct TensorReport {
     /// when an importance matrix applied to this tensor.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weighted_rmse: Option<f64>,
+    /// How the values were chosen, when the recipe asked for a method (`gptq`, or `rtn (...)`
+    /// where GPTQ does not apply).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Output error ‖XWᵀ − XQᵀ‖² / n on calibration data of the kernel's own rounding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_error_before: Option<f64>,
+    /// The same for the stored values.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_error_after: Option<f64>,
+    /// ‖XWᵀ‖² / n, to read the errors as fractions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_energy: Option<f64>,
 }
 
 /// The outcome of a build.
@@ -136,6 +168,27 @@ pub struct Report {
     /// The manifest written beside the artifact, when provenance is on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub manifest: Option<PathBuf>,
+}
+
+impl Report {
+    /// Over tensors with output errors on calibration data (those GPTQ produced): how many, and
+    /// the mean of (error after / error of the kernel's rounding).
+    pub fn mean_output_error_ratio(&self) -> Option<(usize, f64)> {
+        let ratios: Vec<f64> = self
+            .tensors
+            .iter()
+            .filter_map(|t| match (t.output_error_before, t.output_error_after) {
+                (Some(b), Some(a)) if b > 0.0 => Some(a / b),
+                _ => None,
+            })
+            .collect();
+        (!ratios.is_empty()).then(|| {
+            (
+                ratios.len(),
+                ratios.iter().sum::<f64>() / ratios.len() as f64,
+            )
+        })
+    }
 }
 
 /// One file written by a build.
@@ -254,7 +307,7 @@ pub fn build(
         .sum();
     let written_tensors: usize = targets.iter().map(|t| t.tensors.len()).sum();
     progress.begin(written_tensors, source_bytes);
-    let mut errors: Vec<ErrorSums> = Vec::with_capacity(written_tensors);
+    let mut outcomes: Vec<TensorOutcome> = Vec::with_capacity(written_tensors);
     let result = (|| -> Result<Vec<kiln_writer::WrittenFile>, PipelineError> {
         let mut pending = Vec::with_capacity(targets.len());
         for target in &targets {
@@ -274,7 +327,7 @@ pub fn build(
             for (local, index) in target.tensors.clone().enumerate() {
                 let tensor = &plan.tensors[index];
                 progress.tensor(index, &tensor.name);
-                let tensor_errors = write_tensor(
+                let outcome = write_tensor(
                     plan,
                     tensor,
                     local,
@@ -285,7 +338,7 @@ pub fn build(
                     options,
                     progress,
                 )?;
-                errors.push(tensor_errors);
+                outcomes.push(outcome);
             }
             let (out, written) = writer.finish().map_err(write_err(&target.path))?;
             out.into_inner()
@@ -319,13 +372,14 @@ pub fn build(
     };
 
     let mut total = ErrorSums::default();
-    errors.iter().for_each(|e| total.add(e));
+    outcomes.iter().for_each(|o| total.add(&o.errors));
     let tensors: Vec<TensorReport> = targets
         .iter()
         .zip(&written)
         .flat_map(|(target, w)| plan.tensors[target.tensors.clone()].iter().zip(&w.tensors))
-        .zip(&errors)
-        .map(|((t, w), e)| TensorReport {
+        .zip(&outcomes)
+        .map(|((t, w), o)| (t, w, &o.errors, o.output))
+        .map(|(t, w, e, output)| TensorReport {
             name: t.name.clone(),
             source: t.source_name.clone(),
             ty: t.ty.to_string(),
@@ -337,6 +391,10 @@ pub fn build(
             xxh3: w.xxh3.to_string(),
             rmse: (e.squared / e.count.max(1) as f64).sqrt(),
             weighted_rmse: (e.weights > 0.0).then(|| (e.weighted / e.weights).sqrt()),
+            method: (t.method != WeightMethod::Kernel).then(|| t.method.to_string()),
+            output_error_before: output.map(|o| o.before),
+            output_error_after: output.map(|o| o.after),
+            output_energy: output.map(|o| o.energy),
         })
         .collect();
     let parameters: u64 = targets
@@ -472,7 +530,7 @@ fn write_tensor<W: Write>(
     threads: usize,
     options: &BuildOptions,
     progress: &dyn Progress,
-) -> Result<ErrorSums, PipelineError> {
+) -> Result<TensorOutcome, PipelineError> {
     // Stacked expert tensors read their rows from one source tensor per expert, in order.
     let sources: Vec<&[u8]> = match &tensor.generated {
         Some(bytes) => vec![bytes],
@@ -486,6 +544,30 @@ fn write_tensor<W: Write>(
     let rows: u64 = tensor.ne.iter().skip(1).product();
     // From the shape, not the source length: a truncated embedding reads only its first rows.
     let src_row_bytes = tensor.source_type.row_bytes(tensor.ne[0]).unwrap_or(0);
+    if let WeightMethod::Gptq { weight, act_order } = &tensor.method {
+        let outcome = pool.install(|| {
+            gptq_tensor(
+                plan,
+                tensor,
+                &sources,
+                src_row_bytes as usize,
+                weight,
+                *act_order,
+            )
+        });
+        let (bytes, outcome) = outcome?;
+        writer
+            .write_tensor(index, &bytes)
+            .map_err(|source| PipelineError::Write {
+                path: output.to_path_buf(),
+                source,
+            })?;
+        progress.advance(rows * src_row_bytes);
+        for (&e, s) in tensor.entries.iter().zip(&sources) {
+            plan.source.release_range(e, 0, s.len());
+        }
+        return Ok(outcome);
+    }
     let rows_per_chunk = (options.chunk_bytes as u64 / src_row_bytes.max(1)).max(1);
     let chunks: Vec<(u64, u64)> = (0..rows)
         .step_by(rows_per_chunk as usize)
@@ -535,21 +617,85 @@ fn write_tensor<W: Write>(
     for (&e, s) in tensor.entries.iter().zip(&sources) {
         plan.source.release_range(e, 0, s.len());
     }
-    Ok(errors)
+    Ok(TensorOutcome {
+        errors,
+        output: None,
+    })
 }
 
-/// Produces the output bytes of output rows `start..end` of a tensor.
-fn convert_rows(
+/// GPTQ over a whole tensor: error compensation runs across all columns of every row, so the
+/// tensor is held in memory at once (as f32), unlike the chunked kernel path. Rows are
+/// independent in GPTQ, so the row permutation of Q/K weights commutes with it.
+fn gptq_tensor(
+    plan: &BuildPlan,
     tensor: &TensorPlan,
     sources: &[&[u8]],
     src_row_bytes: usize,
-    start: u64,
-    end: u64,
-) -> Result<(Vec<u8>, ErrorSums), PipelineError> {
+    weight: &str,
+    act_order: bool,
+) -> Result<(Vec<u8>, TensorOutcome), PipelineError> {
+    let cols = tensor.ne[0] as usize;
+    let rows: usize = tensor.ne[1..].iter().product::<u64>() as usize;
+    let stats = plan
+        .stats
+        .as_deref()
+        .ok_or_else(|| PipelineError::NoCalibration {
+            tensor: tensor.name.clone(),
+            method: "gptq".into(),
+        })?
+        .gram_for(weight, cols, "gptq")?;
+    let quant_err = |source| PipelineError::Quant {
+        tensor: tensor.name.clone(),
+        source,
+    };
+    let gathered = gather_rows(tensor, sources, src_row_bytes, 0, rows);
+    let mut values = vec![0.0f32; rows * cols];
+    kiln_quant::dequantize_rows(tensor.source_type, &gathered, &mut values).map_err(quant_err)?;
+    drop(gathered);
+    if tensor.plus_one {
+        add_one(tensor.source_type, &mut values);
+    }
+    let calibration = kiln_quant::methods::Calibration {
+        // Present: `gram_for` checked it.
+        gram: stats.gram().unwrap_or(&[]),
+        n: stats.count().max(1),
+        act_abs_mean: None,
+    };
+    let config = kiln_quant::methods::GptqConfig {
+        act_order,
+        ..kiln_quant::methods::GptqConfig::default()
+    };
+    let result =
+        kiln_quant::methods::gptq_gguf(tensor.ty, &values, rows, cols, &config, &calibration)
+            .map_err(|source| PipelineError::Method {
+                tensor: tensor.name.clone(),
+                source,
+            })?;
+    let errors = measure(tensor, &values, &result.bytes, 0).map_err(quant_err)?;
+    Ok((
+        result.bytes,
+        TensorOutcome {
+            errors,
+            output: Some(OutputErrors {
+                before: result.error_before,
+                after: result.error_after,
+                energy: result.output_energy,
+            }),
+        },
+    ))
+}
+
+/// The source bytes of output rows `start..end`, in output order (borrowed when no row moves).
+fn gather_rows<'a>(
+    tensor: &TensorPlan,
+    sources: &[&'a [u8]],
+    src_row_bytes: usize,
+    start: usize,
+    end: usize,
+) -> Cow<'a, [u8]> {
     let row_len = tensor.ne[0] as usize;
-    let (start, end) = (start as usize, end as usize);
     let source = sources.first().copied().unwrap_or(&[]);
-    let gathered: Cow<'_, [u8]> = match tensor.transform {
+    match tensor.transform {
         Transform::None if sources.len() == 1 => {
             Cow::Borrowed(&source[start * src_row_bytes..end * src_row_bytes])
         }
@@ -585,7 +731,20 @@ fn convert_rows(
             }
             Cow::Owned(buf)
         }
-    };
+    }
+}
+
+/// Produces the output bytes of output rows `start..end` of a tensor.
+fn convert_rows(
+    tensor: &TensorPlan,
+    sources: &[&[u8]],
+    src_row_bytes: usize,
+    start: u64,
+    end: u64,
+) -> Result<(Vec<u8>, ErrorSums), PipelineError> {
+    let row_len = tensor.ne[0] as usize;
+    let (start, end) = (start as usize, end as usize);
+    let gathered = gather_rows(tensor, sources, src_row_bytes, start, end);
     if tensor.ty == tensor.source_type && !tensor.plus_one {
         return Ok((gathered.into_owned(), ErrorSums::default()));
     }

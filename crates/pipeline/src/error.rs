@@ -214,6 +214,34 @@ pub enum PipelineError {
         /// The method that needs them.
         method: String,
     },
+    /// A method needs activation statistics and the recipe names no file.
+    #[error("{tensor}: method {method} needs activation statistics: set `[calibration] stats` (or pass --calibration) to a file made by `kiln calibrate`")]
+    NoCalibration {
+        /// The first tensor that needs them.
+        tensor: String,
+        /// The method.
+        method: String,
+    },
+    /// A statistics file's module has a different number of input columns than the weight.
+    #[error("{path}: activation statistics for `{module}` have {actual} input columns, the weight has {expected} (statistics of another model?)")]
+    CalibrationShape {
+        /// The statistics file.
+        path: PathBuf,
+        /// The linear module.
+        module: String,
+        /// The weight's input columns.
+        expected: u64,
+        /// The statistics' columns.
+        actual: u64,
+    },
+    /// The recipe asks for a method that cannot produce this tensor's type or shape.
+    #[error("tensor `{tensor}`: {problem}")]
+    MethodNotApplicable {
+        /// The tensor.
+        tensor: String,
+        /// Why, and what to do.
+        problem: String,
+    },
     /// A quantization method failed on a tensor.
     #[error("tensor `{tensor}`: {source}")]
     Method {

@@ -27,6 +27,7 @@ mod model_report;
 mod packed;
 mod plan;
 pub mod provenance;
+mod stats;
 pub mod verify;
 
 pub use build::{build, BuildOptions, Progress, Report, TensorReport};
@@ -35,7 +36,7 @@ pub use inspect::{inspect, InspectedTensor, Inspection};
 pub use json::meta_to_json;
 pub use model_report::{model_report, DtypeCount, ModelReport, TokenizerReport};
 pub use packed::{build_packed, PackedReport, PackedTensorReport};
-pub use plan::{plan, BuildPlan, Decision, TensorPlan};
+pub use plan::{plan, BuildPlan, Decision, TensorPlan, WeightMethod};
 
 pub use kiln_reader::MmapAccess;
 pub use kiln_recipe::{Overrides, Recipe, TypeChoice};

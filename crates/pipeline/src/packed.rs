@@ -14,10 +14,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use kiln_arch::{HParams, Mapped};
-use kiln_calib::ActivationStats;
-use kiln_quant::affine::{Granularity, QuantScheme};
+use kiln_quant::affine::{Granularity, QuantScheme, Range};
 use kiln_quant::bnb::{self as qbnb, Bnb4Kind};
-use kiln_quant::estimators::Estimator;
+use kiln_quant::estimators::{self, Estimator};
 use kiln_quant::methods::{self, Calibration, GptqConfig, Method as QMethod};
 use kiln_reader::{Checkpoint, MmapAccess, TensorEntry};
 use kiln_recipe::{
@@ -31,6 +30,7 @@ use kiln_writer::safetensors::{
 };
 use serde::Serialize;
 
+use crate::stats::{module_name, LoadedStats};
 use crate::PipelineError;
 
 /// What happens to one checkpoint tensor.
@@ -41,7 +41,12 @@ enum Treatment {
     /// Converted to another float type.
     Convert(GgmlType),
     /// compressed-tensors integers.
-    Int { bits: u8, options: PackedOptions },
+    Int {
+        bits: u8,
+        options: PackedOptions,
+        /// The static input activation scale (W8A8), rounded to the scale dtype.
+        input_scale: Option<f32>,
+    },
     /// bitsandbytes 4-bit.
     Bnb {
         kind: Bnb4Kind,
@@ -79,6 +84,9 @@ pub struct PackedTensorReport {
     /// Weight RMSE of the stored weights.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weight_rmse_after: Option<f64>,
+    /// The static input activation scale (W8A8), as stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_scale: Option<f32>,
 }
 
 /// What a packed build did.
@@ -197,24 +205,11 @@ pub fn build_packed(
             .map_err(arch_err)?;
     let assignments = recipe.assign(&names, &model);
 
-    let stats = match &recipe.calibration {
-        Some(path) => {
-            let bytes = std::fs::read(path).map_err(|e| kiln_reader::ReadError::Io {
-                path: path.clone(),
-                source: e,
-            })?;
-            Some((
-                path.clone(),
-                ActivationStats::from_safetensors(&bytes).map_err(|source| {
-                    PipelineError::ActivationStats {
-                        path: path.clone(),
-                        source,
-                    }
-                })?,
-            ))
-        }
-        None => None,
-    };
+    let stats = recipe
+        .calibration
+        .as_ref()
+        .map(|path| LoadedStats::load(access, path))
+        .transpose()?;
     let model_dtype = model_dtype(&config);
 
     // Decide every tensor.
@@ -261,10 +256,28 @@ pub fn build_packed(
                         });
                     }
                 }
+                let input_scale = if a.packed.static_input_int8 {
+                    let Some(s) = &stats else {
+                        return Err(PipelineError::NoCalibration {
+                            tensor: t.name.clone(),
+                            method: "input-activations = \"int8\"".into(),
+                        });
+                    };
+                    Some(static_input_scale(
+                        s,
+                        &t.name,
+                        cols,
+                        &a.packed,
+                        model_dtype,
+                    )?)
+                } else {
+                    None
+                };
                 (
                     Treatment::Int {
                         bits,
                         options: a.packed,
+                        input_scale,
                     },
                     None,
                 )
@@ -290,16 +303,17 @@ pub fn build_packed(
         };
         if let Treatment::Int { options, .. } = &treatment {
             if options.method.needs_calibration() {
-                let module = module_name(&t.name);
-                let has = stats
-                    .as_ref()
-                    .is_some_and(|(_, s)| s.get(module).is_some_and(|m| m.gram().is_some()));
-                if !has {
-                    return Err(PipelineError::MissingCalibration {
-                        path: stats.as_ref().map(|(p, _)| p.clone()).unwrap_or_default(),
-                        module: module.to_string(),
-                        method: format!("{:?}", options.method).to_lowercase(),
-                    });
+                let method = format!("{:?}", options.method).to_lowercase();
+                match &stats {
+                    Some(s) => {
+                        s.gram_for(&t.name, cols, &method)?;
+                    }
+                    None => {
+                        return Err(PipelineError::NoCalibration {
+                            tensor: t.name.clone(),
+                            method,
+                        })
+                    }
                 }
             }
         }
@@ -378,16 +392,8 @@ pub fn build_packed(
     for p in &planned {
         let t = &checkpoint.tensors()[p.entry];
         let source_type = t.dtype.ggml().unwrap_or(GgmlType::F32);
-        let (out, report) = pool.install(|| {
-            produce(
-                &checkpoint,
-                t,
-                source_type,
-                p,
-                stats.as_ref().map(|(_, s)| s),
-                model_dtype,
-            )
-        })?;
+        let (out, report) =
+            pool.install(|| produce(&checkpoint, t, source_type, p, stats.as_ref(), model_dtype))?;
         for packed in out {
             tensor_bytes += packed.bytes.len() as u64;
             let index = writer.set().position(&packed.decl.name).ok_or_else(|| {
@@ -417,9 +423,42 @@ pub fn build_packed(
     })
 }
 
-/// `model.layers.3.self_attn.q_proj.weight` → `model.layers.3.self_attn.q_proj`.
-fn module_name(weight: &str) -> &str {
-    weight.strip_suffix(".weight").unwrap_or(weight)
+/// The static per-tensor int8 scale of a linear layer's input: the estimator's clipping
+/// threshold from the statistics (the largest |x| of any column, and the |x| histogram for the
+/// other estimators), turned into a scale as compressed-tensors does for a symmetric 8-bit range
+/// (`a / 127.5`), rounded to the dtype it is stored in.
+fn static_input_scale(
+    stats: &LoadedStats,
+    weight: &str,
+    cols: usize,
+    options: &PackedOptions,
+    model_dtype: Dtype,
+) -> Result<f32, PipelineError> {
+    let module = stats.input_stats(weight, cols, "input-activations = \"int8\"")?;
+    let absmax = module
+        .min()
+        .iter()
+        .chain(module.max())
+        .filter(|v| v.is_finite())
+        .fold(0.0f32, |m, v| m.max(v.abs()));
+    let histogram = module.histogram();
+    let threshold = estimators::activation_threshold(
+        absmax,
+        histogram.map(|h| estimators::MagnitudeHistogram {
+            counts: h.counts(),
+            max: h.spec().max,
+        }),
+        8,
+        estimator_of(options.activation_estimator),
+    )
+    .map_err(|e| PipelineError::PackedRecipe(format!("{weight}: input activation range: {e}")))?;
+    let scheme = QuantScheme {
+        bits: 8,
+        symmetric: true,
+        granularity: Granularity::Tensor,
+    };
+    let (scale, _) = kiln_quant::affine::qparams(Range::new(-threshold, threshold), &scheme);
+    Ok(kiln_writer::packed::round_scale(scale, model_dtype).unwrap_or(scale))
 }
 
 /// The first numeric component of a name, for rules on tensors the family does not map.
@@ -546,17 +585,21 @@ fn tensor_decls(
             float_dtype(*ty),
             t.shape.clone(),
         )],
-        Treatment::Int { bits, options } => ct::pack_quantized_decls(
-            &t.name,
-            rows,
-            cols,
-            &ct::WeightArgs {
+        Treatment::Int {
+            bits,
+            options,
+            input_scale,
+        } => {
+            let args = ct::WeightArgs {
                 num_bits: *bits,
                 symmetric: options.symmetric,
                 strategy: strategy_of(options),
-            },
-            model_dtype,
-        )?,
+            };
+            match input_scale {
+                Some(_) => ct::int_quantized_decls(&t.name, rows, cols, &args, model_dtype)?,
+                None => ct::pack_quantized_decls(&t.name, rows, cols, &args, model_dtype)?,
+            }
+        }
         Treatment::Bnb {
             kind,
             options,
@@ -630,7 +673,7 @@ fn produce(
     t: &TensorEntry,
     source_type: GgmlType,
     p: &PlannedTensor,
-    stats: Option<&ActivationStats>,
+    stats: Option<&LoadedStats>,
     model_dtype: Dtype,
 ) -> Result<(Vec<PackedTensor>, PackedTensorReport), PipelineError> {
     let mut report = PackedTensorReport {
@@ -643,6 +686,7 @@ fn produce(
         output_energy: None,
         weight_rmse_before: None,
         weight_rmse_after: None,
+        input_scale: None,
     };
     let quant_err = |source| PipelineError::Quant {
         tensor: t.name.clone(),
@@ -669,12 +713,17 @@ fn produce(
                 bytes,
             }]
         }
-        Treatment::Int { bits, options } => {
+        Treatment::Int {
+            bits,
+            options,
+            input_scale,
+        } => {
             report.stored_as = format!("int{bits}");
+            report.input_scale = *input_scale;
             let method = method_of(options);
             report.method = Some(method.name().to_string());
             let values = read_f32(checkpoint, t, source_type)?;
-            let module = stats.and_then(|s| s.get(module_name(&t.name)));
+            let module = stats.and_then(|s| s.with_gram(&t.name));
             let calib = module.and_then(|m| {
                 m.gram().map(|gram| Calibration {
                     gram,
@@ -708,22 +757,22 @@ fn produce(
                     })?;
                 report.output_error_after = Some(error / c.n as f64);
             }
-            ct::pack_quantized(
-                &t.name,
-                &ct::QuantizedLinear {
-                    rows: p.rows,
-                    cols: p.cols,
-                    weights: ct::WeightArgs {
-                        num_bits: *bits,
-                        symmetric: options.symmetric,
-                        strategy: strategy_of(options),
-                    },
-                    q: &q.q,
-                    scales: &q.scales,
-                    zero_points: &q.zero_points,
+            let linear = ct::QuantizedLinear {
+                rows: p.rows,
+                cols: p.cols,
+                weights: ct::WeightArgs {
+                    num_bits: *bits,
+                    symmetric: options.symmetric,
+                    strategy: strategy_of(options),
                 },
-                model_dtype,
-            )?
+                q: &q.q,
+                scales: &q.scales,
+                zero_points: &q.zero_points,
+            };
+            match input_scale {
+                Some(scale) => ct::int_quantized(&t.name, &linear, *scale, model_dtype)?,
+                None => ct::pack_quantized(&t.name, &linear, model_dtype)?,
+            }
         }
         Treatment::Bnb { kind, options, .. } => {
             report.stored_as = match kind {
@@ -799,37 +848,51 @@ fn quantization_config(
             })?)
         }
         _ => {
-            let mut groups: BTreeMap<(u8, bool, Option<u32>), Vec<String>> = BTreeMap::new();
+            let mut groups: BTreeMap<(u8, bool, Option<u32>, bool), Vec<String>> = BTreeMap::new();
             for p in planned {
-                if let Treatment::Int { bits, options } = &p.treatment {
+                if let Treatment::Int {
+                    bits,
+                    options,
+                    input_scale,
+                } = &p.treatment
+                {
                     groups
-                        .entry((*bits, options.symmetric, options.group_size))
+                        .entry((
+                            *bits,
+                            options.symmetric,
+                            options.group_size,
+                            input_scale.is_some(),
+                        ))
                         .or_default()
                         .push(module_name(&tensors[p.entry].name).to_string());
                 }
             }
+            // Sorted, so a layer's modules read the same whichever shard they came from.
+            groups.values_mut().for_each(|m| m.sort());
             let single = groups.len() == 1;
             let config_groups: Vec<ct::ConfigGroup> = groups
                 .into_iter()
-                .map(|((bits, symmetric, group), modules)| ct::ConfigGroup {
-                    // One scheme for all: the usual `["Linear"]` target with the rest ignored.
-                    targets: if single {
-                        vec!["Linear".into()]
-                    } else {
-                        modules
-                    },
-                    scheme: ct::Scheme {
-                        weights: ct::WeightArgs {
-                            num_bits: bits,
-                            symmetric,
-                            strategy: match group {
-                                Some(g) => ct::Strategy::Group(g as usize),
-                                None => ct::Strategy::Channel,
-                            },
+                .map(
+                    |((bits, symmetric, group, w8a8), modules)| ct::ConfigGroup {
+                        // One scheme for all: the usual `["Linear"]` target with the rest ignored.
+                        targets: if single {
+                            vec!["Linear".into()]
+                        } else {
+                            modules
                         },
-                        input_activations: None,
+                        scheme: ct::Scheme {
+                            weights: ct::WeightArgs {
+                                num_bits: bits,
+                                symmetric,
+                                strategy: match group {
+                                    Some(g) => ct::Strategy::Group(g as usize),
+                                    None => ct::Strategy::Channel,
+                                },
+                            },
+                            input_activations: w8a8.then_some(ct::StaticInputArgs { num_bits: 8 }),
+                        },
                     },
-                })
+                )
                 .collect();
             let mut ignore = dense;
             if !ignore.iter().any(|m| m == "lm_head") {

@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use kiln_arch::{HParams, Mapped, MetadataInputs, ParamCounts, SideFiles, Transform};
 use kiln_reader::{Checkpoint, MmapAccess};
-use kiln_recipe::{ModelFacts, Recipe, TensorNames, TypeChoice};
+use kiln_recipe::{Method, ModelFacts, Recipe, TensorNames, TypeChoice};
 use kiln_types::{FileType, GgmlType, MetaArray, MetaValue};
 
 use crate::imatrix::LoadedImatrix;
 use crate::input::Input;
 use crate::provenance::{kiln_keys, xxh3_hex, InputRecord, RecipeRecord};
+use crate::stats::LoadedStats;
 use crate::PipelineError;
 
 /// Why a tensor gets its type.
@@ -56,6 +57,41 @@ impl std::fmt::Display for Decision {
     }
 }
 
+/// How a quantized tensor's values are chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightMethod {
+    /// The block kernel's own rounding (with the importance matrix, when one applies).
+    Kernel,
+    /// The recipe asked for GPTQ, but it does not apply to this tensor; the kernel's rounding is
+    /// used.
+    KernelInstead {
+        /// Why GPTQ does not apply.
+        reason: &'static str,
+    },
+    /// GPTQ with the Gram matrix of the input of this checkpoint module.
+    Gptq {
+        /// The checkpoint name of the weight, which names the statistics' module.
+        weight: String,
+        /// Columns in order of decreasing Hessian diagonal.
+        act_order: bool,
+    },
+}
+
+impl std::fmt::Display for WeightMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WeightMethod::Kernel => f.write_str("rtn"),
+            WeightMethod::KernelInstead { reason } => write!(f, "rtn (gptq asked; {reason})"),
+            WeightMethod::Gptq {
+                act_order: false, ..
+            } => f.write_str("gptq"),
+            WeightMethod::Gptq {
+                act_order: true, ..
+            } => f.write_str("gptq (act-order)"),
+        }
+    }
+}
+
 /// What happens to one tensor.
 #[derive(Debug, Clone)]
 pub struct TensorPlan {
@@ -81,6 +117,8 @@ pub struct TensorPlan {
     pub imatrix: Option<Arc<[f32]>>,
     /// 1 is added to every value on the way (Gemma norm weights).
     pub plus_one: bool,
+    /// How quantized values are chosen.
+    pub method: WeightMethod,
     /// Bytes of a tensor kiln generates rather than reads (little-endian F32).
     pub(crate) generated: Option<Arc<[u8]>>,
     pub(crate) entry: usize,
@@ -121,6 +159,8 @@ pub struct BuildPlan {
     /// How the output is split into shards, if it is.
     pub split: Option<kiln_writer::split::SplitLimit>,
     pub(crate) source: Input,
+    /// Activation statistics, when a tensor is quantized with GPTQ.
+    pub(crate) stats: Option<Arc<LoadedStats>>,
 }
 
 impl BuildPlan {
@@ -163,13 +203,34 @@ pub fn plan(recipe: &Recipe, access: &MmapAccess) -> Result<BuildPlan, PipelineE
         )?),
         None => None,
     };
+    // Read only when a tensor may use them: they are an input of the artifact once read.
+    let wants_stats = recipe.packed_default.method == Method::Gptq
+        || recipe.rules.iter().any(|r| r.packed.method == Method::Gptq);
+    let stats = match &recipe.calibration {
+        Some(path) if wants_stats => Some(LoadedStats::load(access, path)?),
+        _ => None,
+    };
+    let calibration = Calibration {
+        imatrix: imatrix.as_ref(),
+        stats: stats.as_ref(),
+    };
     let mut planned = if is_gguf(&input_path) {
-        plan_gguf(recipe, access, &input_path, imatrix.as_ref())?
+        plan_gguf(recipe, access, &input_path, calibration)?
     } else {
-        plan_checkpoint(recipe, access, &input_path, imatrix.as_ref())?
+        plan_checkpoint(recipe, access, &input_path, calibration)?
     };
     if let Some(m) = &imatrix {
         planned.inputs.push(m.record().clone());
+    }
+    // Kept only if a tensor uses them (a recipe may ask for GPTQ where it does not apply).
+    if let Some(s) = stats.filter(|_| {
+        planned
+            .tensors
+            .iter()
+            .any(|t| matches!(t.method, WeightMethod::Gptq { .. }))
+    }) {
+        planned.inputs.push(s.record().clone());
+        planned.stats = Some(Arc::new(s));
     }
     let normalized = recipe.normalized();
     planned.recipe = RecipeRecord {
@@ -219,16 +280,24 @@ fn is_gguf(path: &Path) -> bool {
         && &magic == b"GGUF"
 }
 
+/// The calibration inputs a plan reads.
+#[derive(Clone, Copy)]
+struct Calibration<'a> {
+    imatrix: Option<&'a LoadedImatrix>,
+    stats: Option<&'a LoadedStats>,
+}
+
 /// Turns candidates into tensor plans: recipe rules, pins, requantization policy, kernel
-/// availability, shape fallbacks and importance weights.
+/// availability, shape fallbacks, importance weights and the method.
 fn decide(
     recipe: &Recipe,
     source: &Input,
     candidates: Vec<Candidate>,
     model: &ModelFacts,
-    imatrix: Option<&LoadedImatrix>,
+    calibration: Calibration<'_>,
     keep_pinned_type: bool,
 ) -> Result<Vec<TensorPlan>, PipelineError> {
+    let imatrix = calibration.imatrix;
     let names: Vec<TensorNames<'_>> = candidates
         .iter()
         .map(|c| TensorNames {
@@ -343,6 +412,12 @@ fn decide(
                 have_file: imatrix.is_some(),
             });
         }
+        let method =
+            if a.packed.method == Method::Gptq && ty != c.source_type && ty.is_block_quantized() {
+                gptq_method(&c, ty, a.packed.act_order, &decision, calibration.stats)?
+            } else {
+                WeightMethod::Kernel
+            };
         let nbytes = ty
             .tensor_bytes(&c.ne)
             .ok_or_else(|| PipelineError::BadShape {
@@ -363,6 +438,7 @@ fn decide(
             // Kept even for kernels that ignore it: the report weighs errors with it.
             imatrix: weights.map(Arc::from),
             plus_one: c.plus_one,
+            method,
             generated: c.generated,
             entry: c.entry,
             entries: c.entries,
@@ -375,8 +451,9 @@ fn plan_checkpoint(
     recipe: &Recipe,
     access: &MmapAccess,
     input: &Path,
-    imatrix: Option<&LoadedImatrix>,
+    calibration: Calibration<'_>,
 ) -> Result<BuildPlan, PipelineError> {
+    let imatrix = calibration.imatrix;
     let checkpoint = Checkpoint::open(access, input)?;
     let arch_err = |source| PipelineError::Arch {
         path: checkpoint.folder().to_path_buf(),
@@ -557,7 +634,7 @@ fn plan_checkpoint(
         }
     }
     let source = Input::Hf(checkpoint);
-    let tensors = decide(recipe, &source, candidates, &model, imatrix, false)?;
+    let tensors = decide(recipe, &source, candidates, &model, calibration, false)?;
     let Input::Hf(checkpoint) = &source else {
         unreachable!("constructed as a checkpoint above")
     };
@@ -636,6 +713,7 @@ fn plan_checkpoint(
         provenance: false,
         split: None,
         source,
+        stats: None,
     })
 }
 
@@ -794,8 +872,9 @@ fn plan_gguf(
     recipe: &Recipe,
     access: &MmapAccess,
     input: &Path,
-    imatrix: Option<&LoadedImatrix>,
+    calibration: Calibration<'_>,
 ) -> Result<BuildPlan, PipelineError> {
+    let imatrix = calibration.imatrix;
     let gguf = kiln_reader::split::SplitGguf::open(access, input).map_err(|source| {
         PipelineError::SplitInput {
             path: input.to_path_buf(),
@@ -864,7 +943,7 @@ fn plan_gguf(
             .collect(),
     );
     let source = Input::Gguf(gguf);
-    let tensors = decide(recipe, &source, candidates, &model, imatrix, true)?;
+    let tensors = decide(recipe, &source, candidates, &model, calibration, true)?;
     let Input::Gguf(gguf) = &source else {
         unreachable!("constructed as a GGUF input above")
     };
@@ -919,6 +998,55 @@ fn plan_gguf(
         provenance: false,
         split: None,
         source,
+        stats: None,
+    })
+}
+
+/// GPTQ for one tensor the recipe asks it for: linear weights inside blocks, in a block type GPTQ
+/// can encode, with the input's Gram matrix in the statistics file. Tensors GPTQ has no input
+/// statistics for by construction (embedding lookups, the output head, norms, stacked experts)
+/// keep the kernel's rounding, and the plan says so; anything else it cannot do is an error.
+fn gptq_method(
+    c: &Candidate,
+    ty: GgmlType,
+    act_order: bool,
+    decision: &Decision,
+    stats: Option<&LoadedStats>,
+) -> Result<WeightMethod, PipelineError> {
+    let reason = if c.layer.is_none() || c.ne.len() != 2 {
+        Some("only linear weights inside blocks have input statistics")
+    } else if c.entries.len() != 1 || c.generated.is_some() {
+        Some("stacked expert tensors are not supported")
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        return Ok(WeightMethod::KernelInstead { reason });
+    }
+    if !kiln_quant::methods::GGUF_GPTQ_TYPES.contains(&ty) {
+        let names: Vec<String> = kiln_quant::methods::GGUF_GPTQ_TYPES
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        return Err(PipelineError::MethodNotApplicable {
+            tensor: c.name.clone(),
+            problem: format!(
+                "GPTQ writes {} in GGUF, and this tensor gets {ty} ({decision}); \
+                 choose one of those types or `method = \"rtn\"` for it",
+                names.join(", ")
+            ),
+        });
+    }
+    let Some(stats) = stats else {
+        return Err(PipelineError::NoCalibration {
+            tensor: c.name.clone(),
+            method: "gptq".into(),
+        });
+    };
+    stats.gram_for(&c.source_name, c.ne[0] as usize, "gptq")?;
+    Ok(WeightMethod::Gptq {
+        weight: c.source_name.clone(),
+        act_order,
     })
 }
 

@@ -317,6 +317,7 @@ pub fn verify_rebuild(
     manifest: Option<&Path>,
     input: &Path,
     imatrix: Option<&Path>,
+    calibration: Option<&Path>,
     options: &BuildOptions,
     access: &MmapAccess,
 ) -> Result<VerifyReport, PipelineError> {
@@ -345,6 +346,7 @@ pub fn verify_rebuild(
         input: Some(input.to_path_buf()),
         output: Some(scratch.path().join(output_name)),
         imatrix: imatrix.map(Path::to_path_buf),
+        calibration: calibration.map(Path::to_path_buf),
         ..Default::default()
     });
     let rebuilt_plan = plan(&recipe, access)?;

@@ -239,6 +239,16 @@ fn kl_threshold(mags: &[f32], bins: usize, levels: usize) -> f32 {
         let idx = ((f64::from(m) / width) as usize).min(bins - 1);
         hist[idx] += 1.0;
     }
+    kl_threshold_of_histogram(&hist, width, levels)
+}
+
+/// The KL search over a histogram of magnitudes with bins of `width` (the last bin holds
+/// everything beyond); returns the threshold.
+fn kl_threshold_of_histogram(hist: &[f64], width: f64, levels: usize) -> f32 {
+    let bins = hist.len();
+    if bins == 0 {
+        return 0.0;
+    }
     // Suffix sums give the outlier mass beyond each candidate in O(1).
     let mut beyond = vec![0.0f64; bins + 1];
     for i in (0..bins).rev() {
@@ -278,6 +288,132 @@ fn kl_threshold(mags: &[f32], bins: usize, levels: usize) -> f32 {
         }
     }
     (best_i as f64 * width) as f32
+}
+
+/// A histogram of `|x|`: `counts[i]` values in `[i·max/n, (i+1)·max/n)`, the last bin also
+/// holding every larger value (as `kiln calibrate` records them).
+#[derive(Debug, Clone, Copy)]
+pub struct MagnitudeHistogram<'a> {
+    /// Values per bin.
+    pub counts: &'a [u64],
+    /// Upper end of the binned range.
+    pub max: f32,
+}
+
+/// The clipping threshold `a` of a symmetric per-tensor scale (`a / qmax`) for a layer's input,
+/// from the statistics a calibration run keeps instead of the activations themselves: the
+/// largest `|x|` seen and, for every estimator but min–max, a histogram of `|x|`.
+///
+/// - min–max: `absmax`.
+/// - percentile: the `p`-th percentile of `|x|`, interpolated linearly inside its bin.
+/// - MSE: the shrink of `absmax` on the estimator's grid that minimizes the histogram's expected
+///   round-trip error, each bin's values taken at the bin's centre (the overflow bin at
+///   `absmax`); ties keep the wider range.
+/// - KL: TensorRT's search on the histogram itself (its bins, not the estimator's `bins`).
+///
+/// The result never exceeds `absmax`. Errors: bits outside 2..=8, bad estimator parameters, a
+/// histogram estimator without a histogram, or a non-finite or negative `absmax`.
+pub fn activation_threshold(
+    absmax: f32,
+    histogram: Option<MagnitudeHistogram<'_>>,
+    bits: u8,
+    estimator: Estimator,
+) -> Result<f32, AffineError> {
+    let scheme = QuantScheme {
+        bits,
+        symmetric: true,
+        granularity: affine::Granularity::Tensor,
+    };
+    scheme.validate()?;
+    if let Estimator::Kl { .. } = estimator {
+        // The histogram's own bins are used; only the level count matters here.
+    } else {
+        estimator.validate(&scheme)?;
+    }
+    if !(absmax.is_finite() && absmax >= 0.0) {
+        return Err(AffineError::Parameter(
+            "activation absmax must be finite and non-negative",
+        ));
+    }
+    if estimator == Estimator::MinMax || absmax == 0.0 {
+        return Ok(absmax);
+    }
+    let h = histogram.ok_or(AffineError::Parameter(
+        "this activation estimator needs a histogram of |x| (kiln calibrate --hist-bins --hist-max)",
+    ))?;
+    if h.counts.is_empty() || !(h.max.is_finite() && h.max > 0.0) {
+        return Err(AffineError::Parameter(
+            "empty or invalid activation histogram",
+        ));
+    }
+    let n = h.counts.len();
+    let width = f64::from(h.max) / n as f64;
+    let total: f64 = h.counts.iter().map(|&c| c as f64).sum();
+    if total == 0.0 {
+        return Ok(absmax);
+    }
+    let threshold = match estimator {
+        Estimator::MinMax => f64::from(absmax),
+        Estimator::Percentile { percentile } => {
+            let target = f64::from(percentile) / 100.0 * total;
+            let mut below = 0.0;
+            let mut found = f64::from(absmax);
+            for (i, &c) in h.counts.iter().enumerate() {
+                let c = c as f64;
+                if c > 0.0 && below + c >= target {
+                    found = (i as f64 + (target - below) / c) * width;
+                    break;
+                }
+                below += c;
+            }
+            found
+        }
+        Estimator::Mse { grid, max_shrink } => {
+            let qmax = f64::from(scheme.qmax());
+            let centres: Vec<f64> = (0..n)
+                .map(|i| {
+                    if i + 1 == n {
+                        // The overflow bin: its values reach the largest seen.
+                        f64::from(absmax).max((i as f64 + 0.5) * width)
+                    } else {
+                        (i as f64 + 0.5) * width
+                    }
+                    .min(f64::from(absmax))
+                })
+                .collect();
+            let steps = ((f64::from(max_shrink) * grid as f64) as usize).max(1);
+            let mut best = f64::from(absmax);
+            let mut best_err = f64::INFINITY;
+            for i in 0..steps {
+                let a = f64::from(absmax) * (1.0 - i as f64 / grid as f64);
+                let step = a / qmax;
+                let err: f64 = h
+                    .counts
+                    .iter()
+                    .zip(&centres)
+                    .map(|(&c, &x)| {
+                        let q = (x / step).round().min(qmax) * step;
+                        c as f64 * (x - q) * (x - q)
+                    })
+                    .sum();
+                if err < best_err {
+                    best_err = err;
+                    best = a;
+                }
+            }
+            best
+        }
+        Estimator::Kl { .. } => {
+            if n < kl_levels(&scheme) {
+                return Err(AffineError::Parameter(
+                    "KL needs at least 2^(bits-1) histogram bins",
+                ));
+            }
+            let hist: Vec<f64> = h.counts.iter().map(|&c| c as f64).collect();
+            f64::from(kl_threshold_of_histogram(&hist, width, kl_levels(&scheme)))
+        }
+    };
+    Ok((threshold as f32).min(absmax))
 }
 
 /// MXNet's `_smooth_distribution`: move `eps` of mass onto every zero bin, taken evenly from the

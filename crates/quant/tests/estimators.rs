@@ -213,3 +213,83 @@ fn estimates_are_deterministic() {
         assert_eq!(a, b, "{est:?}");
     }
 }
+
+/// A histogram of |x| as `kiln calibrate` records it: `bins` bins over `[0, max)`, larger values
+/// in the last bin.
+fn magnitude_histogram(x: &[f32], bins: usize, max: f32) -> Vec<u64> {
+    let mut counts = vec![0u64; bins];
+    for v in x {
+        let pos = f64::from(v.abs()) * bins as f64 / f64::from(max);
+        counts[(pos as usize).min(bins - 1)] += 1;
+    }
+    counts
+}
+
+/// Static activation scales (W8A8) come from statistics, not from the activations: the same
+/// outlier test through the histogram path. Min–max keeps the outliers; percentile, MSE (at 4 bits)
+/// and KL clip them, and each agrees with the estimator run on the values themselves to within
+/// the histogram's resolution.
+#[test]
+fn activation_thresholds_from_a_histogram() {
+    use kiln_quant::estimators::{activation_threshold, MagnitudeHistogram};
+    let x = gaussian_with_outliers();
+    let absmax = abs_max(&x);
+    let (bins, max) = (2048, 64.0f32);
+    let counts = magnitude_histogram(&x, bins, max);
+    let h = Some(MagnitudeHistogram {
+        counts: &counts,
+        max,
+    });
+    let width = max / bins as f32;
+    let values =
+        |bits: u8, est: Estimator| estimate_range(&x, &tensor(bits, true), est).unwrap().max;
+
+    assert_eq!(
+        activation_threshold(absmax, None, 8, Estimator::MinMax).unwrap(),
+        absmax
+    );
+    let p = Estimator::Percentile { percentile: 99.9 };
+    let from_hist = activation_threshold(absmax, h, 8, p).unwrap();
+    assert!(from_hist < 5.0, "percentile clips: {from_hist}");
+    assert!(
+        (from_hist - values(8, p)).abs() <= width,
+        "{from_hist} vs {}",
+        values(8, p)
+    );
+
+    let mse4 = activation_threshold(absmax, h, 4, Estimator::MSE_DEFAULT).unwrap();
+    assert!(mse4 < 0.5 * absmax, "4-bit MSE clips: {mse4}");
+    let rel = (mse4 - values(4, Estimator::MSE_DEFAULT)).abs() / values(4, Estimator::MSE_DEFAULT);
+    assert!(
+        rel <= 0.05,
+        "{mse4} vs {}",
+        values(4, Estimator::MSE_DEFAULT)
+    );
+
+    let kl = activation_threshold(absmax, h, 8, Estimator::KL_DEFAULT).unwrap();
+    assert!(kl < 0.5 * absmax, "KL clips: {kl}");
+    // The same search on the same binning, once the histogram spans exactly [0, absmax).
+    let exact = magnitude_histogram(&x, bins, absmax);
+    let kl_exact = activation_threshold(
+        absmax,
+        Some(MagnitudeHistogram {
+            counts: &exact,
+            max: absmax,
+        }),
+        8,
+        Estimator::KL_DEFAULT,
+    )
+    .unwrap();
+    let kl_values = values(8, Estimator::KL_DEFAULT);
+    assert!(
+        (kl_exact - kl_values).abs() <= absmax / bins as f32,
+        "{kl_exact} vs {kl_values}"
+    );
+
+    // Histogram estimators need a histogram; KL needs at least 128 bins at 8 bits.
+    assert!(activation_threshold(absmax, None, 8, p).is_err());
+    let few = magnitude_histogram(&x, 64, max);
+    let small = Some(MagnitudeHistogram { counts: &few, max });
+    assert!(activation_threshold(absmax, small, 8, Estimator::KL_DEFAULT).is_err());
+    assert!(activation_threshold(f32::NAN, h, 8, p).is_err());
+}

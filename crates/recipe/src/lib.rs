@@ -100,6 +100,8 @@ pub struct Overrides {
     pub output: Option<PathBuf>,
     /// `--imatrix`.
     pub imatrix: Option<PathBuf>,
+    /// `--calibration`.
+    pub calibration: Option<PathBuf>,
     /// `--split-max-tensors`.
     pub split_max_tensors: Option<usize>,
     /// `--split-max-size`.
@@ -217,6 +219,12 @@ impl Recipe {
                 expected: "gguf, compressed-tensors or bitsandbytes".into(),
             })?,
         };
+        if format == OutputFormat::Gguf {
+            check_gguf_fields("quantize", &raw.quantize.packed_fields())?;
+            for (i, r) in raw.rules.iter().enumerate() {
+                check_gguf_fields(&format!("rules[{i}]"), &r.packed_fields())?;
+            }
+        }
         let packed_default = raw
             .quantize
             .packed_fields()
@@ -234,16 +242,17 @@ impl Recipe {
                     .iter()
                     .map(|r| (format!("rules[{}].type", r.index), r.choice, r.packed)),
             );
+        // Whether a method finds its statistics is checked when the build is planned: the file
+        // may come from `--calibration`, and only the tensors a method applies to need it.
         for (context, choice, options) in choices {
             check_choice(format, &context, choice)?;
-            if matches!(choice, TypeChoice::Packed(_))
-                && options.method.needs_calibration()
-                && calibration.is_none()
-            {
-                return Err(RecipeError::Conflict(format!(
-                    "{context}: method {:?} needs `[calibration] stats` (make it with `kiln calibrate`)",
-                    options.method
-                )));
+            if let TypeChoice::Packed(p @ (PackedType::Nf4 | PackedType::Fp4)) = choice {
+                if options.static_input_int8 {
+                    return Err(RecipeError::Conflict(format!(
+                        "{context}: input-activations = \"int8\" is a compressed-tensors scheme; \
+                         {p} weights keep their activations in floating point"
+                    )));
+                }
             }
         }
         let type_list = |context: &str, names: &[String]| -> Result<Vec<GgmlType>, RecipeError> {
@@ -325,6 +334,8 @@ impl Recipe {
                 symmetric: None,
                 double_quant: None,
                 act_order: None,
+                input_activations: None,
+                activation_estimator: None,
             },
             rules: Vec::new(),
             calibration: None,
@@ -394,6 +405,9 @@ impl Recipe {
         }
         if let Some(p) = &overrides.imatrix {
             self.imatrix = Some(p.clone());
+        }
+        if let Some(p) = &overrides.calibration {
+            self.calibration = Some(p.clone());
         }
         // Splitting changes the output bytes, so it is part of the recorded recipe.
         if overrides.split_max_tensors.is_some() || overrides.split_max_size.is_some() {
@@ -496,6 +510,36 @@ impl Recipe {
                 }
             })
             .collect()
+    }
+}
+
+/// GGUF block types take their scales from the block format, so of the packed-type fields only
+/// `method` (`rtn` or `gptq`) and `act-order` mean anything for them; the others are refused
+/// rather than ignored.
+fn check_gguf_fields(context: &str, fields: &packed::PackedFields) -> Result<(), RecipeError> {
+    let packed_only = [
+        ("estimator", fields.estimator.is_some()),
+        ("group-size", fields.group_size.is_some()),
+        ("symmetric", fields.symmetric.is_some()),
+        ("double-quant", fields.double_quant.is_some()),
+        ("input-activations", fields.input_activations.is_some()),
+        (
+            "activation-estimator",
+            fields.activation_estimator.is_some(),
+        ),
+    ];
+    if let Some((key, _)) = packed_only.iter().find(|(_, set)| *set) {
+        return Err(RecipeError::Conflict(format!(
+            "{context}.{key} applies to packed safetensors outputs; GGUF block types fix their own \
+             scales (set `[output] format` to use it)"
+        )));
+    }
+    match fields.method.as_deref().map(|m| (m, Method::parse(m))) {
+        Some((m, Some(Method::Awq | Method::Lsq))) => Err(RecipeError::Conflict(format!(
+            "{context}.method = {m:?} is for packed safetensors outputs; GGUF block types take \
+             `rtn` or `gptq`"
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -171,6 +171,10 @@ pub struct PackedOptions {
     pub double_quant: bool,
     /// GPTQ: process columns by decreasing Hessian diagonal.
     pub act_order: bool,
+    /// Static 8-bit input activation scales (W8A8, compressed-tensors `int-quantized`).
+    pub static_input_int8: bool,
+    /// How the input activation range is estimated.
+    pub activation_estimator: EstimatorChoice,
 }
 
 impl Default for PackedOptions {
@@ -182,6 +186,8 @@ impl Default for PackedOptions {
             symmetric: true,
             double_quant: false,
             act_order: false,
+            static_input_int8: false,
+            activation_estimator: EstimatorChoice::MinMax,
         }
     }
 }
@@ -202,6 +208,10 @@ pub struct PackedFields {
     pub double_quant: Option<bool>,
     /// GPTQ activation order (default `false`).
     pub act_order: Option<bool>,
+    /// `"int8"`: static per-tensor input activation scales (W8A8); `"none"` (default): weights only.
+    pub input_activations: Option<String>,
+    /// `minmax`, `percentile`, `mse` or `kl`, for the input activation range.
+    pub activation_estimator: Option<String>,
 }
 
 /// `group-size = 128` or `group-size = "channel"`.
@@ -254,6 +264,16 @@ impl PackedFields {
         }
         if let Some(a) = self.act_order {
             out.act_order = a;
+        }
+        match self.input_activations.as_deref() {
+            None => {}
+            Some("int8") => out.static_input_int8 = true,
+            Some("none") => out.static_input_int8 = false,
+            Some(other) => return Err(bad("input-activations", other, "\"int8\" or \"none\"")),
+        }
+        if let Some(e) = &self.activation_estimator {
+            out.activation_estimator = EstimatorChoice::parse(e)
+                .ok_or_else(|| bad("activation-estimator", e, "minmax, percentile, mse or kl"))?;
         }
         Ok(out)
     }

@@ -138,6 +138,14 @@ pub struct QuantizeSection {
     pub double_quant: Option<bool>,
     /// GPTQ: process columns by decreasing Hessian diagonal (default `false`).
     pub act_order: Option<bool>,
+    /// compressed-tensors integer types: `"int8"` adds static per-tensor input activation scales
+    /// (W8A8, `int-quantized`) from the calibration statistics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_activations: Option<String>,
+    /// How the input activation range is estimated: `minmax` (default), `percentile`, `mse` or
+    /// `kl` (all but `minmax` need a histogram in the statistics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_estimator: Option<String>,
 }
 
 /// One `[[rules]]` entry. Selectors are combined with AND; at least one is required.
@@ -189,6 +197,14 @@ pub struct RuleSection {
     pub double_quant: Option<bool>,
     /// GPTQ: process columns by decreasing Hessian diagonal (default `false`).
     pub act_order: Option<bool>,
+    /// compressed-tensors integer types: `"int8"` adds static per-tensor input activation scales
+    /// (W8A8, `int-quantized`) from the calibration statistics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_activations: Option<String>,
+    /// How the input activation range is estimated: `minmax` (default), `percentile`, `mse` or
+    /// `kl` (all but `minmax` need a histogram in the statistics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_estimator: Option<String>,
 }
 
 /// `when`: conditions on the model being converted. All given conditions must hold.
@@ -307,6 +323,8 @@ impl QuantizeSection {
             symmetric: self.symmetric,
             double_quant: self.double_quant,
             act_order: self.act_order,
+            input_activations: self.input_activations.clone(),
+            activation_estimator: self.activation_estimator.clone(),
         }
     }
 }
@@ -321,6 +339,8 @@ impl RuleSection {
             symmetric: self.symmetric,
             double_quant: self.double_quant,
             act_order: self.act_order,
+            input_activations: self.input_activations.clone(),
+            activation_estimator: self.activation_estimator.clone(),
         }
     }
 }
