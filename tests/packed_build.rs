@@ -753,3 +753,140 @@ fn w8a8_static_input_scales_from_statistics() {
     }
     assert!(!out.exists());
 }
+
+/// A packed folder is as verifiable as a GGUF file: `<folder>.kiln.json` records the recipe, the
+/// inputs (shards, side files, statistics) and every file and tensor; `kiln verify FOLDER` checks
+/// it (exit 5 naming the tensor or file on a change), and `--rebuild` rebuilds it byte for byte.
+#[test]
+fn packed_folder_manifest_verifies_and_rebuilds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("w4");
+    let recipe_path = dir.path().join("w4.toml");
+    std::fs::write(
+        &recipe_path,
+        format!(
+            "kiln = 1\n[input]\npath = {:?}\n[output]\npath = {out:?}\nformat = \"compressed-tensors\"\n\
+             max-shard-size = \"2M\"\n[calibration]\nstats = {:?}\n[quantize]\ndefault = \"keep\"\nmethod = \"gptq\"\n\
+             [[rules]]\nhf-tensors = \"model.layers.*.*_proj.weight\"\ntype = \"int4\"\n",
+            fixture("tiny-llama"),
+            tiny_llama_stats()
+        ),
+    )
+    .expect("recipe");
+    let kiln = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .output()
+            .expect("runs")
+    };
+    let built = kiln(&["build", recipe_path.to_str().expect("utf-8"), "--quiet"]);
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let manifest_path = dir.path().join("w4.kiln.json");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).expect("manifest")).expect("json");
+    let files: Vec<&str> = manifest["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .map(|f| f["name"].as_str().expect("name"))
+        .collect();
+    assert!(files.len() > 3, "{files:?}");
+    assert!(
+        files.contains(&"w4/model.safetensors.index.json"),
+        "{files:?}"
+    );
+    assert!(files.contains(&"w4/config.json"), "{files:?}");
+    let roles: Vec<&str> = manifest["inputs"]
+        .as_array()
+        .expect("inputs")
+        .iter()
+        .map(|i| i["role"].as_str().expect("role"))
+        .collect();
+    assert!(
+        roles.contains(&"weights")
+            && roles.contains(&"side-file")
+            && roles.contains(&"calibration")
+    );
+    let packed = manifest["tensors"]
+        .as_array()
+        .expect("tensors")
+        .iter()
+        .find(|t| t["name"] == "model.layers.0.self_attn.q_proj.weight_packed")
+        .expect("packed tensor recorded");
+    assert_eq!(packed["source"], "model.layers.0.self_attn.q_proj.weight");
+    assert_eq!(packed["type"], "I32");
+
+    let folder = out.to_str().expect("utf-8");
+    let ok = kiln(&["verify", folder]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    let input = fixture("tiny-llama");
+    let stats = tiny_llama_stats().to_str().expect("utf-8");
+    let rebuilt = kiln(&[
+        "verify",
+        &format!("{folder}/"),
+        "--rebuild",
+        "--input",
+        input.to_str().expect("utf-8"),
+        "--calibration",
+        stats,
+    ]);
+    assert!(
+        rebuilt.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&rebuilt.stdout),
+        String::from_utf8_lossy(&rebuilt.stderr)
+    );
+
+    // One flipped byte in a packed tensor, then an edited config.json.
+    let shard = out.join(files[0].strip_prefix("w4/").expect("in folder"));
+    let record = manifest["tensors"]
+        .as_array()
+        .expect("tensors")
+        .iter()
+        .find(|t| t["file"] == 0)
+        .expect("a tensor in the first shard");
+    let mut bytes = std::fs::read(&shard).expect("shard");
+    let at = record["offset"].as_u64().expect("offset") as usize;
+    bytes[at] ^= 1;
+    std::fs::write(&shard, &bytes).expect("write");
+    let bad = kiln(&["verify", folder, "--json"]);
+    assert_eq!(bad.status.code(), Some(5));
+    let report: serde_json::Value = serde_json::from_slice(&bad.stdout).expect("json");
+    assert!(report["failures"]
+        .as_array()
+        .expect("failures")
+        .iter()
+        .any(|f| f["kind"] == "tensor-mismatch" && f["tensor"] == record["name"]));
+    bytes[at] ^= 1;
+    std::fs::write(&shard, &bytes).expect("write");
+    let config = out.join("config.json");
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push(' ');
+    std::fs::write(&config, text).expect("write");
+    let bad = kiln(&["verify", folder, "--json"]);
+    assert_eq!(bad.status.code(), Some(5));
+    let report: serde_json::Value = serde_json::from_slice(&bad.stdout).expect("json");
+    let kinds: Vec<(&str, &str)> = report["failures"]
+        .as_array()
+        .expect("failures")
+        .iter()
+        .map(|f| {
+            (
+                f["kind"].as_str().unwrap_or(""),
+                f["file"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert!(
+        kinds.contains(&("size-mismatch", "w4/config.json")),
+        "{kinds:?}"
+    );
+}

@@ -67,7 +67,7 @@ enum Command {
     },
     /// Check an artifact against its manifest (ARTIFACT.kiln.json), or rebuild it and compare.
     Verify {
-        /// The artifact (GGUF).
+        /// The artifact (a GGUF file, or a packed safetensors folder).
         artifact: PathBuf,
         /// The manifest (default: ARTIFACT.kiln.json).
         #[arg(long)]

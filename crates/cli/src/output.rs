@@ -313,6 +313,9 @@ pub(crate) fn packed_report(report: &kiln_pipeline::PackedReport, as_json: bool,
         human_bytes(report.tensor_bytes),
         report.files.len()
     );
+    if let Some(m) = &report.manifest {
+        outln!(o, "manifest {}", m.display());
+    }
     emit(&o);
 }
 

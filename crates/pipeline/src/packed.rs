@@ -11,7 +11,7 @@
 //! generation files are copied, and all files are committed together.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use kiln_arch::{HParams, Mapped};
 use kiln_quant::affine::{Granularity, QuantScheme, Range};
@@ -30,6 +30,9 @@ use kiln_writer::safetensors::{
 };
 use serde::Serialize;
 
+use crate::provenance::{
+    xxh3_hex, FileRecord, InputRecord, Manifest, RecipeRecord, TensorRecord, MANIFEST_VERSION, TOOL,
+};
 use crate::stats::{module_name, LoadedStats};
 use crate::PipelineError;
 
@@ -102,6 +105,9 @@ pub struct PackedReport {
     pub files: Vec<String>,
     /// Bytes of tensor data written.
     pub tensor_bytes: u64,
+    /// The manifest written beside the folder, when provenance is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<PathBuf>,
 }
 
 impl PackedReport {
@@ -215,6 +221,8 @@ pub fn build_packed(
     // Decide every tensor.
     let mut planned = Vec::new();
     let mut decls = Vec::new();
+    // Output tensor → (the checkpoint tensor it comes from, its declaration), for the manifest.
+    let mut sources: BTreeMap<String, (String, TensorDecl)> = BTreeMap::new();
     for (i, (t, a)) in checkpoint.tensors().iter().zip(&assignments).enumerate() {
         let source_type = t
             .dtype
@@ -317,14 +325,10 @@ pub fn build_packed(
                 }
             }
         }
-        decls.extend(tensor_decls(
-            t,
-            source_type,
-            &treatment,
-            rows,
-            cols,
-            model_dtype,
-        )?);
+        for decl in tensor_decls(t, source_type, &treatment, rows, cols, model_dtype)? {
+            sources.insert(decl.name.clone(), (t.name.clone(), decl.clone()));
+            decls.push(decl);
+        }
         planned.push(PlannedTensor {
             entry: i,
             treatment,
@@ -410,7 +414,39 @@ pub fn build_packed(
         });
     }
     let written = writer.finish().map_err(write_err)?;
+    let manifest = if recipe.provenance {
+        let mut inputs = crate::plan::hash_files(
+            checkpoint
+                .shard_files()
+                .map(|(path, file)| ("weights", path, file))
+                .collect(),
+        );
+        for name in kiln_arch::SIDE_FILE_NAMES
+            .iter()
+            .chain(COPIED_SIDE_FILES)
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            let bytes = match files.get(name) {
+                Some(b) => Some(b.to_vec()),
+                None => checkpoint.read_side_file(name).ok().flatten(),
+            };
+            if let Some(bytes) = bytes {
+                inputs.push(InputRecord::new("side-file", Path::new(name), &bytes));
+            }
+        }
+        if let Some(s) = &stats {
+            inputs.push(s.record().clone());
+        }
+        let manifest = folder_manifest(recipe, &output, inputs, &written, &sources);
+        let path = Manifest::path_for(&output);
+        crate::verify::write_manifest_file(&path, &manifest)?;
+        Some(path)
+    } else {
+        None
+    };
     Ok(PackedReport {
+        manifest,
         output,
         format: match recipe.format {
             OutputFormat::Bitsandbytes => "bitsandbytes",
@@ -459,6 +495,71 @@ fn static_input_scale(
     };
     let (scale, _) = kiln_quant::affine::qparams(Range::new(-threshold, threshold), &scheme);
     Ok(kiln_writer::packed::round_scale(scale, model_dtype).unwrap_or(scale))
+}
+
+/// The manifest of a folder: files are named by their path from the manifest's directory
+/// (`<folder>/model.safetensors`), weight files first (their header being the safetensors
+/// header), then the index and the side files (no header: their whole content is the check).
+fn folder_manifest(
+    recipe: &Recipe,
+    output: &Path,
+    inputs: Vec<InputRecord>,
+    written: &kiln_writer::safetensors::WrittenSet,
+    sources: &BTreeMap<String, (String, TensorDecl)>,
+) -> Manifest {
+    let folder = output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let in_folder = |name: &str| format!("{folder}/{name}");
+    let mut files = Vec::new();
+    let mut tensors = Vec::new();
+    for shard in &written.shards {
+        for t in &shard.file.tensors {
+            let (source, decl) = sources
+                .get(&t.name)
+                .map(|(s, d)| (s.clone(), Some(d)))
+                .unwrap_or_else(|| (t.name.clone(), None));
+            tensors.push(TensorRecord {
+                name: t.name.clone(),
+                source,
+                ty: decl.map(|d| format!("{:?}", d.dtype)).unwrap_or_default(),
+                shape: decl.map(|d| d.shape.clone()).unwrap_or_default(),
+                file: files.len(),
+                offset: t.file_offset,
+                bytes: t.nbytes,
+                xxh3: t.xxh3.to_string(),
+            });
+        }
+        files.push(FileRecord {
+            name: in_folder(&shard.file_name),
+            bytes: shard.file.len,
+            xxh3: shard.file.xxh3.to_string(),
+            header_bytes: shard.header_len,
+            header_xxh3: shard.header_xxh3.to_string(),
+        });
+    }
+    for side in written.index.iter().chain(&written.side_files) {
+        files.push(FileRecord {
+            name: in_folder(&side.file_name),
+            bytes: side.len,
+            xxh3: side.xxh3.to_string(),
+            header_bytes: 0,
+            header_xxh3: xxh3_hex(&[]),
+        });
+    }
+    let normalized = recipe.normalized();
+    Manifest {
+        kiln_manifest: MANIFEST_VERSION,
+        tool: TOOL.to_string(),
+        recipe: RecipeRecord {
+            xxh3: xxh3_hex(normalized.as_bytes()),
+            normalized,
+        },
+        inputs,
+        files,
+        tensors,
+    }
 }
 
 /// The first numeric component of a name, for rules on tensors the family does not map.

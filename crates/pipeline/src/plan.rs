@@ -811,7 +811,7 @@ fn stack_experts(
 }
 
 /// Hashes input files (in parallel; the records keep the given order), releasing their pages.
-fn hash_files(files: Vec<(&str, &Path, &kiln_reader::MappedFile)>) -> Vec<InputRecord> {
+pub(crate) fn hash_files(files: Vec<(&str, &Path, &kiln_reader::MappedFile)>) -> Vec<InputRecord> {
     use rayon::prelude::*;
     files
         .par_iter()

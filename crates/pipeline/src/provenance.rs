@@ -7,6 +7,10 @@
 //!   input file, every output file (size, whole-file and header hashes) and every tensor (source
 //!   name, output name, type, shape, byte range and hash).
 //!
+//! Packed safetensors folders get the same manifest beside the folder (`<folder>.kiln.json`, files
+//! named `<folder>/<file>`); their files carry no `kiln.*` keys, so that they stay what the Python
+//! libraries would write.
+//!
 //! Nothing in either depends on the machine, the clock, the working directory or where the input
 //! lives: inputs are named by file name within the checkpoint folder and identified by content.
 
@@ -155,7 +159,10 @@ impl Manifest {
 
     /// Where the manifest of `artifact` lives.
     pub fn path_for(artifact: &Path) -> std::path::PathBuf {
-        let mut name = artifact.as_os_str().to_owned();
+        // Rebuilt from components so that a folder given as `out/model/` still maps to
+        // `out/model.kiln.json`.
+        let artifact: std::path::PathBuf = artifact.components().collect();
+        let mut name = artifact.into_os_string();
         name.push(MANIFEST_SUFFIX);
         name.into()
     }

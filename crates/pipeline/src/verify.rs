@@ -340,41 +340,71 @@ pub fn verify_rebuild(
             source: e,
         })?;
     let name = m.files.first().map(|f| f.name.clone()).unwrap_or_default();
-    // A split artifact is rebuilt from its prefix, as it was built.
-    let output_name = split_prefix(&name).map_or_else(|| name.clone(), |p| format!("{p}.gguf"));
+    // A packed folder's files are named `<folder>/<file>`; a split GGUF is rebuilt from its
+    // prefix, as it was built.
+    let packed_folder = name.split_once('/').map(|(folder, _)| folder.to_string());
+    let output_name = match &packed_folder {
+        Some(folder) => folder.clone(),
+        None => split_prefix(&name).map_or_else(|| name.clone(), |p| format!("{p}.gguf")),
+    };
     let recipe = Recipe::from_raw(raw, Path::new(""))?.with_overrides(&Overrides {
         input: Some(input.to_path_buf()),
-        output: Some(scratch.path().join(output_name)),
+        output: Some(scratch.path().join(&output_name)),
         imatrix: imatrix.map(Path::to_path_buf),
         calibration: calibration.map(Path::to_path_buf),
         ..Default::default()
     });
-    let rebuilt_plan = plan(&recipe, access)?;
     let mut failures = Vec::new();
-    for recorded in &m.inputs {
-        let now = rebuilt_plan
-            .inputs
-            .iter()
-            .find(|i| i.role == recorded.role && i.name == recorded.name);
-        if now.map(|i| &i.xxh3) != Some(&recorded.xxh3) {
-            failures.push(VerifyFailure::InputMismatch {
-                input: recorded.name.clone(),
-                expected: recorded.xxh3.clone(),
-                actual: now.map_or_else(|| "missing".into(), |i| i.xxh3.clone()),
-            });
+    let mut check_inputs = |now: &[crate::provenance::InputRecord]| {
+        for recorded in &m.inputs {
+            let found = now
+                .iter()
+                .find(|i| i.role == recorded.role && i.name == recorded.name);
+            if found.map(|i| &i.xxh3) != Some(&recorded.xxh3) {
+                failures.push(VerifyFailure::InputMismatch {
+                    input: recorded.name.clone(),
+                    expected: recorded.xxh3.clone(),
+                    actual: found.map_or_else(|| "missing".into(), |i| i.xxh3.clone()),
+                });
+            }
         }
-    }
-    if failures.is_empty() {
-        build(&rebuilt_plan, options, &())?;
-        let rebuilt_first = scratch.path().join(&name);
-        let rebuilt = verify(&rebuilt_first, None, access)?;
-        failures.extend(rebuilt.failures);
+    };
+    // The rebuilt artifact's first file and manifest, once the inputs match.
+    let rebuilt = if recipe.format.is_packed() {
+        // Packed builds have no separate plan: build, then compare the inputs it recorded.
+        let folder = scratch.path().join(&output_name);
+        crate::build_packed(&recipe, access, options.threads)?;
+        let again = read_manifest(&Manifest::path_for(&folder))?;
+        check_inputs(&again.inputs);
+        failures.is_empty().then(|| {
+            (
+                folder,
+                Manifest::path_for(&scratch.path().join(&output_name)),
+            )
+        })
+    } else {
+        let rebuilt_plan = plan(&recipe, access)?;
+        check_inputs(&rebuilt_plan.inputs);
+        if failures.is_empty() {
+            build(&rebuilt_plan, options, &())?;
+            let first = scratch.path().join(&name);
+            let manifest = default_manifest(&first);
+            Some((first, manifest))
+        } else {
+            None
+        }
+    };
+    if let Some((rebuilt_artifact, rebuilt_manifest)) = rebuilt {
+        failures.extend(verify(&rebuilt_artifact, Some(&rebuilt_manifest), access)?.failures);
         // The rebuilt manifest must describe the same bytes as the recorded one.
-        let again = read_manifest(&default_manifest(&rebuilt_first))?;
+        let again = read_manifest(&rebuilt_manifest)?;
         for (a, b) in m.tensors.iter().zip(&again.tensors) {
             if a != b {
                 failures.push(VerifyFailure::TensorMismatch {
-                    file: name.clone(),
+                    file: m
+                        .files
+                        .get(a.file)
+                        .map_or_else(|| name.clone(), |f| f.name.clone()),
                     tensor: a.name.clone(),
                     start: a.offset,
                     end: a.offset + a.bytes,
@@ -382,6 +412,17 @@ pub fn verify_rebuild(
                     actual: b.xxh3.clone(),
                 });
             }
+        }
+        if m.tensors.len() != again.tensors.len() || m.files.len() != again.files.len() {
+            failures.push(VerifyFailure::FileMismatch {
+                file: name.clone(),
+                expected: format!("{} files, {} tensors", m.files.len(), m.tensors.len()),
+                actual: format!(
+                    "{} files, {} tensors",
+                    again.files.len(),
+                    again.tensors.len()
+                ),
+            });
         }
         for (a, b) in m.files.iter().zip(&again.files) {
             if a.xxh3 != b.xxh3 {
