@@ -67,6 +67,14 @@ fn tiny_llama_stats() -> &'static Path {
     path
 }
 
+/// Runs the `kiln` binary.
+fn kiln(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("runs")
+}
+
 fn bf16_to_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(2)
         .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -581,12 +589,6 @@ fn gptq_gguf_artifact_verifies_by_rebuilding() {
     )
     .expect("recipe");
     let stats = tiny_llama_stats().to_str().expect("utf-8");
-    let kiln = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(args)
-            .output()
-            .expect("runs")
-    };
     let recipe_arg = recipe_path.to_str().expect("utf-8");
     let built = kiln(&[
         "build",
@@ -773,12 +775,6 @@ fn packed_folder_manifest_verifies_and_rebuilds() {
         ),
     )
     .expect("recipe");
-    let kiln = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(args)
-            .output()
-            .expect("runs")
-    };
     let built = kiln(&["build", recipe_path.to_str().expect("utf-8"), "--quiet"]);
     assert!(
         built.status.success(),

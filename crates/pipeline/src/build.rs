@@ -174,21 +174,31 @@ impl Report {
     /// Over tensors with output errors on calibration data (those GPTQ produced): how many, and
     /// the mean of (error after / error of the kernel's rounding).
     pub fn mean_output_error_ratio(&self) -> Option<(usize, f64)> {
-        let ratios: Vec<f64> = self
-            .tensors
-            .iter()
-            .filter_map(|t| match (t.output_error_before, t.output_error_after) {
-                (Some(b), Some(a)) if b > 0.0 => Some(a / b),
-                _ => None,
-            })
-            .collect();
-        (!ratios.is_empty()).then(|| {
-            (
-                ratios.len(),
-                ratios.iter().sum::<f64>() / ratios.len() as f64,
-            )
-        })
+        mean_error_ratio(
+            self.tensors
+                .iter()
+                .map(|t| (t.output_error_before, t.output_error_after)),
+        )
     }
+}
+
+/// Over (before, after) output errors, where both exist and `before > 0`: how many, and the mean
+/// of `after / before`. Shared by GGUF and packed reports.
+pub(crate) fn mean_error_ratio(
+    errors: impl Iterator<Item = (Option<f64>, Option<f64>)>,
+) -> Option<(usize, f64)> {
+    let ratios: Vec<f64> = errors
+        .filter_map(|e| match e {
+            (Some(b), Some(a)) if b > 0.0 => Some(a / b),
+            _ => None,
+        })
+        .collect();
+    (!ratios.is_empty()).then(|| {
+        (
+            ratios.len(),
+            ratios.iter().sum::<f64>() / ratios.len() as f64,
+        )
+    })
 }
 
 /// One file written by a build.
@@ -544,8 +554,13 @@ fn write_tensor<W: Write>(
     let rows: u64 = tensor.ne.iter().skip(1).product();
     // From the shape, not the source length: a truncated embedding reads only its first rows.
     let src_row_bytes = tensor.source_type.row_bytes(tensor.ne[0]).unwrap_or(0);
+    let write_err = |source| PipelineError::Write {
+        path: output.to_path_buf(),
+        source,
+    };
+    let mut calibration_errors = None;
     if let WeightMethod::Gptq { weight, act_order } = &tensor.method {
-        let outcome = pool.install(|| {
+        let (bytes, outcome) = pool.install(|| {
             gptq_tensor(
                 plan,
                 tensor,
@@ -554,72 +569,60 @@ fn write_tensor<W: Write>(
                 weight,
                 *act_order,
             )
-        });
-        let (bytes, outcome) = outcome?;
-        writer
-            .write_tensor(index, &bytes)
-            .map_err(|source| PipelineError::Write {
-                path: output.to_path_buf(),
-                source,
-            })?;
+        })?;
+        writer.write_tensor(index, &bytes).map_err(write_err)?;
         progress.advance(rows * src_row_bytes);
-        for (&e, s) in tensor.entries.iter().zip(&sources) {
-            plan.source.release_range(e, 0, s.len());
-        }
-        return Ok(outcome);
-    }
-    let rows_per_chunk = (options.chunk_bytes as u64 / src_row_bytes.max(1)).max(1);
-    let chunks: Vec<(u64, u64)> = (0..rows)
-        .step_by(rows_per_chunk as usize)
-        .map(|start| (start, (start + rows_per_chunk).min(rows)))
-        .collect();
-    let window = (2 * threads).max(1);
-    for group in chunks.chunks(window) {
-        let results: Vec<Result<(Vec<u8>, ErrorSums), PipelineError>> = pool.install(|| {
-            group
-                .par_iter()
-                .map(|&(start, end)| {
-                    convert_rows(tensor, &sources, src_row_bytes as usize, start, end)
-                })
-                .collect()
-        });
-        for (result, &(start, end)) in results.into_iter().zip(group) {
-            let (bytes, chunk_errors) = result?;
-            errors.add(&chunk_errors);
-            writer
-                .write_tensor_chunk(index, &bytes)
-                .map_err(|source| PipelineError::Write {
-                    path: output.to_path_buf(),
-                    source,
-                })?;
-            progress.advance((end - start) * src_row_bytes);
-        }
-        // Unpermuted rows are read in order, so the group's source pages are done with; this
-        // keeps resident memory at the chunks in flight even for the largest tensor.
-        if tensor.transform == Transform::None && sources.len() == 1 && tensor.generated.is_none() {
-            if let (Some(first), Some(last)) = (group.first(), group.last()) {
-                plan.source.release_range(
-                    tensor.entry,
-                    (first.0 * src_row_bytes) as usize,
-                    (last.1 * src_row_bytes) as usize,
-                );
+        errors = outcome.errors;
+        calibration_errors = outcome.output;
+    } else {
+        let rows_per_chunk = (options.chunk_bytes as u64 / src_row_bytes.max(1)).max(1);
+        let chunks: Vec<(u64, u64)> = (0..rows)
+            .step_by(rows_per_chunk as usize)
+            .map(|start| (start, (start + rows_per_chunk).min(rows)))
+            .collect();
+        let window = (2 * threads).max(1);
+        for group in chunks.chunks(window) {
+            let results: Vec<Result<(Vec<u8>, ErrorSums), PipelineError>> = pool.install(|| {
+                group
+                    .par_iter()
+                    .map(|&(start, end)| {
+                        convert_rows(tensor, &sources, src_row_bytes as usize, start, end)
+                    })
+                    .collect()
+            });
+            for (result, &(start, end)) in results.into_iter().zip(group) {
+                let (bytes, chunk_errors) = result?;
+                errors.add(&chunk_errors);
+                writer
+                    .write_tensor_chunk(index, &bytes)
+                    .map_err(write_err)?;
+                progress.advance((end - start) * src_row_bytes);
+            }
+            // Unpermuted rows are read in order, so the group's source pages are done with; this
+            // keeps resident memory at the chunks in flight even for the largest tensor.
+            if tensor.transform == Transform::None
+                && sources.len() == 1
+                && tensor.generated.is_none()
+            {
+                if let (Some(first), Some(last)) = (group.first(), group.last()) {
+                    plan.source.release_range(
+                        tensor.entry,
+                        (first.0 * src_row_bytes) as usize,
+                        (last.1 * src_row_bytes) as usize,
+                    );
+                }
             }
         }
-    }
-    if rows == 0 {
-        writer
-            .write_tensor(index, &[])
-            .map_err(|source| PipelineError::Write {
-                path: output.to_path_buf(),
-                source,
-            })?;
+        if rows == 0 {
+            writer.write_tensor(index, &[]).map_err(write_err)?;
+        }
     }
     for (&e, s) in tensor.entries.iter().zip(&sources) {
         plan.source.release_range(e, 0, s.len());
     }
     Ok(TensorOutcome {
         errors,
-        output: None,
+        output: calibration_errors,
     })
 }
 

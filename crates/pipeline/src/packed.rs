@@ -113,15 +113,12 @@ pub struct PackedReport {
 impl PackedReport {
     /// Mean over packed tensors with calibration data of (error after / error before).
     pub fn mean_error_ratio(&self) -> Option<f64> {
-        let ratios: Vec<f64> = self
-            .tensors
-            .iter()
-            .filter_map(|t| match (t.output_error_before, t.output_error_after) {
-                (Some(b), Some(a)) if b > 0.0 => Some(a / b),
-                _ => None,
-            })
-            .collect();
-        (!ratios.is_empty()).then(|| ratios.iter().sum::<f64>() / ratios.len() as f64)
+        crate::build::mean_error_ratio(
+            self.tensors
+                .iter()
+                .map(|t| (t.output_error_before, t.output_error_after)),
+        )
+        .map(|(_, mean)| mean)
     }
 }
 

@@ -59,33 +59,7 @@ impl LoadedStats {
         cols: usize,
         what: &str,
     ) -> Result<&ModuleStats, PipelineError> {
-        let module = module_name(weight);
-        let stats = self
-            .stats
-            .get(module)
-            .ok_or_else(|| PipelineError::MissingCalibration {
-                path: self.path.clone(),
-                module: module.to_string(),
-                method: what.to_string(),
-            })?;
-        self.check_cols(module, stats, cols)
-    }
-
-    fn check_cols<'a>(
-        &self,
-        module: &str,
-        stats: &'a ModuleStats,
-        cols: usize,
-    ) -> Result<&'a ModuleStats, PipelineError> {
-        if stats.cols() != cols {
-            return Err(PipelineError::CalibrationShape {
-                path: self.path.clone(),
-                module: module.to_string(),
-                expected: cols as u64,
-                actual: stats.cols() as u64,
-            });
-        }
-        Ok(stats)
+        self.lookup(weight, cols, what, false)
     }
 
     /// The statistics of the module whose weight this is, for a method that needs its Gram
@@ -96,15 +70,35 @@ impl LoadedStats {
         cols: usize,
         method: &str,
     ) -> Result<&ModuleStats, PipelineError> {
+        self.lookup(weight, cols, method, true)
+    }
+
+    fn lookup(
+        &self,
+        weight: &str,
+        cols: usize,
+        what: &str,
+        gram: bool,
+    ) -> Result<&ModuleStats, PipelineError> {
         let module = module_name(weight);
         let stats = self
-            .with_gram(weight)
+            .stats
+            .get(module)
+            .filter(|m| !gram || m.gram().is_some())
             .ok_or_else(|| PipelineError::MissingCalibration {
                 path: self.path.clone(),
                 module: module.to_string(),
-                method: method.to_string(),
+                method: what.to_string(),
             })?;
-        self.check_cols(module, stats, cols)
+        if stats.cols() != cols {
+            return Err(PipelineError::CalibrationShape {
+                path: self.path.clone(),
+                module: module.to_string(),
+                expected: cols as u64,
+                actual: stats.cols() as u64,
+            });
+        }
+        Ok(stats)
     }
 }
 
