@@ -2105,3 +2105,66 @@ fn phi3_long_context_rope_factors() {
         check_tokenizer(&out, "llama", "default");
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// Recommended sampling settings.
+
+/// gguf-py's `Metadata`: `generation_config.json`'s `top_k`, `top_p`, `temperature` (and the other
+/// keys it knows) become `general.sampling.*` right after `general.type`, before `general.name`,
+/// typed i32 / f32 (values rounded once to f32); `null` values and keys gguf-py does not read
+/// (`repetition_penalty`) are left out; a mistyped value stops the plan naming the key.
+#[test]
+fn generation_config_sampling_settings_become_general_sampling_keys() {
+    let (dir, model) = copy_fixture("tiny-llama");
+    let config = json!({
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "top_k": 20,
+        "min_p": null,
+        "repetition_penalty": 1.1
+    });
+    std::fs::write(model.join("generation_config.json"), config.to_string()).expect("write");
+    let out = dir.path().join("out.gguf");
+    let text = format!(
+        "kiln = 1\n[input]\npath = {model:?}\n[output]\npath = {out:?}\nprovenance = false\n[quantize]\ndefault = \"f16\"\n[metadata]\nname = \"Tiny\"\n"
+    );
+    let recipe = Recipe::from_toml(&text, Path::new(".")).expect("recipe");
+    build(
+        &plan(&recipe, &access()).expect("plan"),
+        &BuildOptions::default(),
+        &(),
+    )
+    .expect("build");
+    let bytes = std::fs::read(&out).expect("read");
+    let gguf = GgufFile::parse(&bytes).expect("parses");
+    let keys: Vec<&str> = gguf.metadata.iter().map(|(k, _)| k.as_str()).collect();
+    let at = keys
+        .iter()
+        .position(|k| *k == "general.type")
+        .expect("type");
+    assert_eq!(
+        &gguf.metadata[at + 1..at + 4],
+        &[
+            ("general.sampling.top_k".to_string(), MetaValue::I32(20)),
+            ("general.sampling.top_p".to_string(), MetaValue::F32(0.95)),
+            ("general.sampling.temp".to_string(), MetaValue::F32(0.6)),
+        ]
+    );
+    assert_eq!(keys[at + 4], "general.name");
+    assert_eq!(
+        keys.iter()
+            .filter(|k| k.starts_with("general.sampling."))
+            .count(),
+        3
+    );
+
+    let mut bad = config;
+    bad["top_k"] = json!(2.5);
+    std::fs::write(model.join("generation_config.json"), bad.to_string()).expect("write");
+    match plan(&recipe, &access()) {
+        Err(e @ PipelineError::Arch { .. }) => assert!(e.to_string().contains("top_k"), "{e}"),
+        other => panic!("expected an error naming top_k, got {other:?}"),
+    }
+}

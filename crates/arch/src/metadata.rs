@@ -71,6 +71,7 @@ pub fn gguf_metadata(
     }
     kv.items
         .push(("general.type".into(), MetaValue::String("model".into())));
+    kv.items.extend(sampling_keys(inputs.files)?);
     let mut general = inputs.general;
     general.sort_by_key(|(k, _)| {
         GENERAL_ORDER
@@ -108,6 +109,65 @@ pub fn gguf_metadata(
         _ => true,
     });
     Ok(items)
+}
+
+/// How a sampling setting is stored.
+#[derive(Clone, Copy)]
+enum SamplingType {
+    Str,
+    I32,
+    F32,
+}
+
+/// gguf-py's `Metadata.load` / `set_gguf_meta_model`: these `generation_config.json` keys become
+/// `general.sampling.*`, in this order, just before `general.name`. (Only these spellings:
+/// transformers' `repetition_penalty` is not read, as gguf-py does not read it.)
+const SAMPLING_KEYS: &[(&str, &str, SamplingType)] = &[
+    ("sequence", "sequence", SamplingType::Str),
+    ("top_k", "top_k", SamplingType::I32),
+    ("top_p", "top_p", SamplingType::F32),
+    ("min_p", "min_p", SamplingType::F32),
+    ("xtc_probability", "xtc_probability", SamplingType::F32),
+    ("xtc_threshold", "xtc_threshold", SamplingType::F32),
+    ("temperature", "temp", SamplingType::F32),
+    ("penalty_last_n", "penalty_last_n", SamplingType::I32),
+    ("penalty_repeat", "penalty_repeat", SamplingType::F32),
+    ("mirostat", "mirostat", SamplingType::I32),
+    ("mirostat_tau", "mirostat_tau", SamplingType::F32),
+    ("mirostat_eta", "mirostat_eta", SamplingType::F32),
+];
+
+/// The recommended sampling settings of `generation_config.json` as `general.sampling.*` keys
+/// (absent or `null` settings are left out). A value of the wrong type is an error rather than a
+/// silently dropped setting (gguf-py fails on it too).
+fn sampling_keys(files: &SideFiles) -> Result<Vec<(String, MetaValue)>, ArchError> {
+    let Some(config) = files.json("generation_config.json")? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for &(hf, gguf, ty) in SAMPLING_KEYS {
+        let Some(v) = config.get(hf).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let bad = |expected: &str| ArchError::InvalidJson {
+            file: "generation_config.json".into(),
+            message: format!("`{hf}` must be {expected}, not {v}"),
+        };
+        let value = match ty {
+            SamplingType::Str => {
+                MetaValue::String(v.as_str().ok_or_else(|| bad("a string"))?.into())
+            }
+            SamplingType::I32 => MetaValue::I32(
+                v.as_i64()
+                    .and_then(|i| i32::try_from(i).ok())
+                    .ok_or_else(|| bad("a 32-bit integer"))?,
+            ),
+            // Rounded once from the JSON number to f32, as `struct.pack("<f", x)` does.
+            SamplingType::F32 => MetaValue::F32(v.as_f64().ok_or_else(|| bad("a number"))? as f32),
+        };
+        out.push((format!("general.sampling.{gguf}"), value));
+    }
+    Ok(out)
 }
 
 /// The key list being built, with gguf-py's rule that writing a key again replaces its value but

@@ -126,6 +126,9 @@ pub struct QuantizeSection {
     /// always allowed.
     #[serde(default)]
     pub allow_requantize: bool,
+    // The method fields below are repeated in `RuleSection` rather than shared through
+    // `#[serde(flatten)]`: serde cannot combine `flatten` with `deny_unknown_fields`, and a
+    // misspelled key must stay an error. `packed_fields()` gathers them into one type.
     /// Packed types: `rtn` (default), `gptq`, `awq` or `lsq`.
     pub method: Option<String>,
     /// Packed types: `minmax` (default), `percentile`, `mse` or `kl`.
