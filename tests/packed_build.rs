@@ -531,6 +531,19 @@ fn gguf_method_refusals() {
         }
         other => panic!("expected MethodNotApplicable, got {other:?}"),
     }
+    // Statistics are keyed by checkpoint names, so a GGUF input cannot take GPTQ.
+    let f16 = dir.path().join("f16.gguf");
+    run_recipe(&gguf_recipe(&f16, "default = \"f16\"", ""));
+    let text = format!(
+        "kiln = 1\n[input]\npath = {f16:?}\n[output]\npath = {out:?}\n[calibration]\nstats = {:?}\n[quantize]\ndefault = \"q8_0\"\nmethod = \"gptq\"\n",
+        tiny_llama_stats()
+    );
+    match kiln_pipeline::plan(&recipe(&text), &access()) {
+        Err(PipelineError::MethodNotApplicable { problem, .. }) => {
+            assert!(problem.contains("checkpoint"), "{problem}")
+        }
+        other => panic!("expected MethodNotApplicable for a GGUF input, got {other:?}"),
+    }
     let partial = dir.path().join("partial.safetensors");
     let mut only_one = kiln_calib::ActivationStats::new();
     only_one

@@ -414,7 +414,14 @@ fn decide(
         }
         let method =
             if a.packed.method == Method::Gptq && ty != c.source_type && ty.is_block_quantized() {
-                gptq_method(&c, ty, a.packed.act_order, &decision, calibration.stats)?
+                gptq_method(
+                    &c,
+                    ty,
+                    a.packed.act_order,
+                    &decision,
+                    calibration.stats,
+                    source,
+                )?
             } else {
                 WeightMethod::Kernel
             };
@@ -1012,7 +1019,16 @@ fn gptq_method(
     act_order: bool,
     decision: &Decision,
     stats: Option<&LoadedStats>,
+    source: &Input,
 ) -> Result<WeightMethod, PipelineError> {
+    if matches!(source, Input::Gguf(_)) {
+        return Err(PipelineError::MethodNotApplicable {
+            tensor: c.name.clone(),
+            problem: "GPTQ needs the checkpoint the GGUF was converted from: activation \
+                      statistics are keyed by checkpoint tensor names"
+                .into(),
+        });
+    }
     let reason = if c.layer.is_none() || c.ne.len() != 2 {
         Some("only linear weights inside blocks have input statistics")
     } else if c.entries.len() != 1 || c.generated.is_some() {
