@@ -19,4 +19,4 @@ mod pyrepr;
 pub use ftype::{FileType, FILE_TYPES};
 pub use ggml::{GgmlType, TypeInfo, GGML_TYPES};
 pub use meta::{MetaArray, MetaValue, MetaValueType};
-pub use pyrepr::python_float_repr;
+pub use pyrepr::{push_python_json_string, python_float_repr};

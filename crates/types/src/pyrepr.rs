@@ -59,9 +59,48 @@ pub fn python_float_repr(x: f64) -> String {
     format!("{sign}{body}")
 }
 
+/// Appends a string literal as Python's `json.dumps` writes it with `ensure_ascii=True`: printable
+/// ASCII (space to `~`) as is, `"` and `\` escaped, the short forms for `\n`, `\r`, `\t`, `\b`,
+/// `\f`, and everything else as `\uXXXX` UTF-16 units (surrogate pairs above the BMP).
+pub fn push_python_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            ' '..='~' => out.push(c),
+            _ => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
+    }
+    out.push('"');
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_strings_are_ascii_escaped() {
+        let json = |s: &str| {
+            let mut out = String::new();
+            push_python_json_string(&mut out, s);
+            out
+        };
+        assert_eq!(json("a\"b\\c"), "\"a\\\"b\\\\c\"");
+        assert_eq!(json("é"), "\"\\u00e9\"");
+        assert_eq!(json("\u{1F600}"), "\"\\ud83d\\ude00\"");
+        assert_eq!(json("\n\u{7f}~"), "\"\\n\\u007f~\"");
+    }
 
     // The tie case is written as its exact decimal value on purpose.
     #[allow(clippy::excessive_precision)]

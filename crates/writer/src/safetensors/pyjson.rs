@@ -42,7 +42,7 @@ fn write_value(out: &mut String, value: &Value, level: usize, sort_keys: bool) {
                 out.push_str(&n.to_string());
             }
         }
-        Value::String(s) => write_string(out, s),
+        Value::String(s) => kiln_types::push_python_json_string(out, s),
         Value::Array(items) => {
             if items.is_empty() {
                 out.push_str("[]");
@@ -75,7 +75,7 @@ fn write_value(out: &mut String, value: &Value, level: usize, sort_keys: bool) {
                     out.push(',');
                 }
                 newline(out, level + 1);
-                write_string(out, k);
+                kiln_types::push_python_json_string(out, k);
                 out.push_str(": ");
                 write_value(out, v, level + 1, sort_keys);
             }
@@ -83,31 +83,6 @@ fn write_value(out: &mut String, value: &Value, level: usize, sort_keys: bool) {
             out.push('}');
         }
     }
-}
-
-/// A string literal as `json.dumps` writes it with `ensure_ascii=True`: everything outside
-/// printable ASCII (space to `~`) escaped, with the short forms for `\n`, `\r`, `\t`, `\b`, `\f`.
-fn write_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{08}' => out.push_str("\\b"),
-            '\u{0c}' => out.push_str("\\f"),
-            ' '..='~' => out.push(c),
-            _ => {
-                let mut units = [0u16; 2];
-                for unit in c.encode_utf16(&mut units) {
-                    out.push_str(&format!("\\u{unit:04x}"));
-                }
-            }
-        }
-    }
-    out.push('"');
 }
 
 #[cfg(test)]
